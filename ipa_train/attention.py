@@ -1,0 +1,107 @@
+"""Decoupled image attention as pure functions, shared by the diffusers processors and the ComfyUI patch.
+
+q [B, Lq, H*d] is the host layer's query; text k/v [B, S, H*d]; image k/v [B, T, H*d]. Outputs are the
+attention result *before* the layer's output projection (`to_out`), which is where every host adds the
+image branch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .modules import multihead_attention
+
+Weight = float | torch.Tensor
+
+
+def image_attention(q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attn(Q, K_i, V_i) split into the host layer's heads: [B, Lq, H*d]."""
+    if k_ip.shape[0] != q.shape[0]:
+        if k_ip.shape[0] == 1:
+            k_ip = k_ip.expand(q.shape[0], -1, -1)
+            v_ip = v_ip.expand(q.shape[0], -1, -1)
+        else:
+            raise ValueError(f"image keys have batch {k_ip.shape[0]} but the query has batch {q.shape[0]}")
+    return multihead_attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype), heads)
+
+
+def is_zero(weight: Weight) -> bool:
+    if isinstance(weight, torch.Tensor):
+        return bool((weight == 0).all())
+    return weight == 0
+
+
+def add_image_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_ip: torch.Tensor,
+    v_ip: torch.Tensor,
+    heads: int,
+    weight: Weight,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`out + weight * Attn(Q, K_i, V_i) [* mask]`; returns `out` itself when the weight is 0 (exact skip).
+
+    Args:
+        out: text attention [B, Lq, H*d].
+        weight: a float, or a tensor broadcastable to [B, 1, 1] (one weight per batch row).
+        mask: optional [B or 1, Lq, 1] multiplier of the image branch only (attention masks).
+    """
+    if is_zero(weight):
+        return out
+    ip = image_attention(q, k_ip, v_ip, heads)  # [B, Lq, H*d]
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(ip.dtype).reshape(-1, 1, 1)
+    ip = ip * weight
+    if mask is not None:
+        ip = ip * mask.to(ip.dtype)
+    return out + ip
+
+
+def decoupled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_ip: torch.Tensor,
+    v_ip: torch.Tensor,
+    heads: int,
+    weight: Weight = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """IP-Adapter attention: Attn(Q, K_t, V_t) + weight * Attn(Q, K_i, V_i). All [B, L, H*d]."""
+    return add_image_attention(multihead_attention(q, k, v, heads), q, k_ip, v_ip, heads, weight, mask)
+
+
+def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
+    """Height and width of a layer's token grid, given the latent size and the layer's sequence length.
+
+    UNet blocks halve the grid with stride-2 convolutions (ceil division), so find the downscale factor
+    2^n whose grid has `seq_len` tokens.
+    """
+    h, w = latent_hw
+    for n in range(8):
+        f = 2**n
+        gh, gw = math.ceil(h / f), math.ceil(w / f)
+        if gh * gw == seq_len:
+            return gh, gw
+    # Unusual aspect: keep the latent's aspect ratio.
+    gh = max(1, round(math.sqrt(seq_len * h / w)))
+    return gh, max(1, seq_len // gh)
+
+
+def mask_for_layer(mask: torch.Tensor, latent_hw: tuple[int, int], seq_len: int) -> torch.Tensor:
+    """Resize a [M, H, W] (or [H, W]) mask in 0..1 to a layer's tokens: [M, seq_len, 1].
+
+    Bilinear resize to the token grid, then pad with ones or crop when rounding leaves a few tokens over.
+    """
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    gh, gw = token_grid(latent_hw, seq_len)
+    m = F.interpolate(mask.unsqueeze(1).float(), size=(gh, gw), mode="bilinear", align_corners=False)
+    m = m.flatten(1)  # [M, gh*gw]
+    if m.shape[1] < seq_len:
+        m = F.pad(m, (0, seq_len - m.shape[1]), value=1.0)
+    return m[:, :seq_len].unsqueeze(-1)

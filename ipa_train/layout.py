@@ -1,0 +1,145 @@
+"""Where the cross-attention layers of a UNet are, in the two orders that matter.
+
+*Adapter order* is diffusers' processor order (down blocks, up blocks, mid block): layer k's weights are
+stored under the official key `2k+1`. *Execution order* is the order a UNet runs its spatial transformers
+(input blocks, middle, output blocks): ComfyUI's `transformer_index` counts in it, and the community
+style/composition presets are keyed by it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import IPAKitError
+
+SECTIONS = ("input", "middle", "output")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One spatial transformer: ComfyUI block `(section, block_id)` holding `depth` transformer blocks."""
+
+    section: str  # "input" | "middle" | "output" (diffusers: down_blocks | mid_block | up_blocks)
+    block_id: int
+    depth: int
+    hidden: int
+
+
+@dataclass(frozen=True)
+class Site:
+    """One cross-attention layer."""
+
+    index: int  # adapter order; official key 2*index+1
+    section: str
+    block_id: int
+    block_index: int  # transformer block inside its spatial transformer
+    transformer_index: int  # execution order of its spatial transformer (ComfyUI tidx)
+    hidden: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """ComfyUI attn2 patch key `(block_name, number, transformer_index-in-block)`."""
+        return (self.section, self.block_id, self.block_index)
+
+
+def sites_from_groups(groups: list[Group]) -> list[Site]:
+    """Groups in execution order -> sites in adapter order."""
+    for g in groups:
+        if g.section not in SECTIONS:
+            raise ValueError(f"unknown section {g.section!r}; expected one of {SECTIONS}")
+    tidx = {id(g): i for i, g in enumerate(groups)}
+    adapter_order = [g for s in ("input", "output", "middle") for g in groups if g.section == s]
+    sites: list[Site] = []
+    for g in adapter_order:
+        for b in range(g.depth):
+            sites.append(Site(len(sites), g.section, g.block_id, b, tidx[id(g)], g.hidden))
+    return sites
+
+
+def _groups(spec: list[tuple[str, list[int], int, int]]) -> list[Group]:
+    return [Group(section, bid, depth, hidden) for section, ids, depth, hidden in spec for bid in ids]
+
+
+# ComfyUI block ids of the official base models, in execution order.
+KNOWN_GROUPS: dict[str, list[Group]] = {
+    "sd15": _groups(
+        [
+            ("input", [1, 2], 1, 320),
+            ("input", [4, 5], 1, 640),
+            ("input", [7, 8], 1, 1280),
+            ("middle", [0], 1, 1280),
+            ("output", [3, 4, 5], 1, 1280),
+            ("output", [6, 7, 8], 1, 640),
+            ("output", [9, 10, 11], 1, 320),
+        ]
+    ),
+    "sdxl": _groups(
+        [
+            ("input", [4, 5], 2, 640),
+            ("input", [7, 8], 10, 1280),
+            ("middle", [0], 10, 1280),
+            ("output", [0, 1, 2], 10, 1280),
+            ("output", [3, 4, 5], 2, 640),
+        ]
+    ),
+}
+
+
+def known_sites(family: str) -> list[Site]:
+    return sites_from_groups(KNOWN_GROUPS[family])
+
+
+# Community presets, keyed by transformer_index (execution order) and given as multipliers of the weight.
+# Layers not listed get 0. Sources: the reference notes (ipadapter.md section 3, cubiq's weight types).
+PRESETS: dict[str, dict[str, dict[int, float]]] = {
+    "style": {
+        "sdxl": {6: 1.0},
+        "sd15": {t: 1.0 for t in (0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15)},
+    },
+    "composition": {
+        "sdxl": {3: 1.0},
+        "sd15": {4: 0.25, 5: 1.0},
+    },
+}
+LAYER_MODES = ("all", "style", "composition", "custom")
+
+_PAIR = re.compile(r"^\s*(\d+)\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_layer_weights(text: str) -> dict[int, float]:
+    """Parse `"0:1.0, 6:0.5"` (transformer_index: multiplier) into a dict; raise a clear error otherwise."""
+    out: dict[int, float] = {}
+    for part in re.split(r"[,\n;]", text):
+        if not part.strip():
+            continue
+        m = _PAIR.match(part)
+        if not m:
+            raise IPAKitError(
+                f"layer weights: cannot read {part.strip()!r}; write 'index:weight' pairs separated by commas, "
+                "for example '0:1.0, 6:0.5' (index = transformer index in execution order)"
+            )
+        out[int(m.group(1))] = float(m.group(2))
+    return out
+
+
+def layer_multipliers(sites: list[Site], family: str, mode: str = "all", custom: str = "") -> list[float]:
+    """Per-site multiplier of the adapter weight, in adapter order."""
+    if mode == "all":
+        return [1.0] * len(sites)
+    if mode == "custom":
+        table = parse_layer_weights(custom)
+        n_t = 1 + max((s.transformer_index for s in sites), default=-1)
+        bad = [t for t in table if t >= n_t]
+        if bad:
+            raise IPAKitError(f"layer weights: indices {bad} do not exist; this model has transformer indices 0..{n_t - 1}")
+    elif mode in PRESETS:
+        if family not in PRESETS[mode]:
+            raise IPAKitError(
+                f"the '{mode}' layer preset is defined for SD1.5 and SDXL models only, not for family {family!r}; "
+                "use 'all' or a custom layer weight string"
+            )
+        table = PRESETS[mode][family]
+    else:
+        raise IPAKitError(f"unknown layer mode {mode!r}; expected one of {LAYER_MODES}")
+    return [float(table.get(s.transformer_index, 0.0)) for s in sites]

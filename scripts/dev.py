@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Set-up and entry point for developers and CI, needing only python3 and the package registries.
+
+    python3 scripts/dev.py test   [pytest args]   # create .venv, install CPU torch + the kit, run the tests
+    python3 scripts/dev.py demo   [demo args]     # same set-up, then run the offline demo (main job)
+
+The virtual environment lives in .venv; torch==2.13.0 is installed before anything that depends on torch,
+so no CUDA build is pulled in. Set-up is skipped when .venv is already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+TORCH = "torch==2.13.0"
+PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".ipa_kit_installed"
+
+
+def _run(cmd: list[str]) -> None:
+    sys.stderr.write("+ " + " ".join(cmd) + "\n")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def _wanted() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+
+
+def setup() -> None:
+    if STAMP.exists() and STAMP.read_text() == _wanted() and PY.exists():
+        return
+    if not PY.exists():
+        _run([sys.executable, "-m", "venv", str(VENV)])
+    _run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    _run([str(PY), "-m", "pip", "install", "-q", TORCH])
+    _run([str(PY), "-m", "pip", "install", "-q", "-e", ".[test]"])
+    STAMP.write_text(_wanted())
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("test", "demo", "setup"):
+        sys.stderr.write(__doc__ or "")
+        return 2
+    setup()
+    if argv[0] == "setup":
+        return 0
+    if argv[0] == "test":
+        rc = subprocess.run([str(PY), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
+        # pytest exits 5 when it collected no test (e.g. a -k filter matched nothing): not a failure here.
+        return 0 if rc == 5 else rc
+    return subprocess.run([str(PY), "-m", "ipa_train", "demo", *argv[1:]], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
