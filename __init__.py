@@ -1,13 +1,18 @@
 """ComfyUI IP-Adapter Kit: registration only. The nodes live in `nodes/`, the host-free library in `ipa_train/`."""
 
-import logging
 
 WEB_DIRECTORY = "./web"
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 try:
-    from .nodes import comfy_entrypoint  # noqa: F401  (ComfyUI's V3 entry point)
-except ImportError as e:  # outside ComfyUI (tests, the CLI) the host modules are absent
-    if e.name is None or e.name.split(".")[0] not in ("comfy", "comfy_api", "folder_paths", "server", "nodes"):
-        logging.getLogger(__name__).warning("IP-Adapter Kit nodes not loaded: %s", e, exc_info=True)
+    import folder_paths  # noqa: F401  (present only inside ComfyUI)
+except ImportError:  # imported outside ComfyUI (tests, tools): nothing to register
+    folder_paths = None
 
-__all__ = ["WEB_DIRECTORY"]
+if folder_paths is not None:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_folders
+
+    register_folders()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

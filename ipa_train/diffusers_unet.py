@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 
 from .attention import add_image_attention
-from .config import family_for, family_label
-from .errors import BaseModelMismatchError, IPAKitError
+from .errors import IPAKitError
+from .layout import check_fit
 from .modules import IPAdapter, IPLayer, multihead_attention
 
 Mode = Literal["scaled", "fused"]
@@ -36,18 +36,7 @@ def unet_layer_hidden_sizes(unet: Any) -> list[int]:
 
 def check_unet_fits(unet: Any, adapter: IPAdapter) -> None:
     """Raise BaseModelMismatchError when the adapter was made for another base model."""
-    cfg = adapter.config
-    hidden = unet_layer_hidden_sizes(unet)
-    cross = int(unet.config.cross_attention_dim)
-    if cross == cfg.cross_attention_dim and tuple(hidden) == cfg.layer_hidden_sizes:
-        return
-    unet_family = family_for(cross, len(hidden))
-    raise BaseModelMismatchError(
-        f"this {family_label(cfg.family)} adapter ({cfg.cross_attention_layers} cross-attention layers, text width "
-        f"{cfg.cross_attention_dim}) does not fit this UNet ({family_label(unet_family)}: {len(hidden)} layers, "
-        f"text width {cross}). Use an adapter made for {family_label(unet_family)}, or load the base model the "
-        "adapter was made for."
-    )
+    check_fit(tuple(unet_layer_hidden_sizes(unet)), int(unet.config.cross_attention_dim), adapter.config)
 
 
 @dataclass

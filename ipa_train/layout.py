@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import IPAKitError
 
@@ -143,3 +144,46 @@ def layer_multipliers(sites: list[Site], family: str, mode: str = "all", custom:
     else:
         raise IPAKitError(f"unknown layer mode {mode!r}; expected one of {LAYER_MODES}")
     return [float(table.get(s.transformer_index, 0.0)) for s in sites]
+
+
+def groups_from_blocks(input_blocks: Any, middle_block: Any, output_blocks: Any) -> list[Group]:
+    """Spatial transformers of a ComfyUI-style UNet (input_blocks / middle_block / output_blocks), in execution order.
+
+    Duck-typed: a spatial transformer is any submodule with a `transformer_blocks` list whose blocks have `attn2`.
+    """
+    groups: list[Group] = []
+    for section, blocks in (("input", list(input_blocks)), ("middle", [middle_block]), ("output", list(output_blocks))):
+        for block_id, block in enumerate(blocks):
+            for layer in block.children() if hasattr(block, "children") else []:
+                tbs = getattr(layer, "transformer_blocks", None)
+                if tbs is None or not len(tbs) or not hasattr(tbs[0], "attn2"):
+                    continue
+                hidden = int(tbs[0].attn2.to_k.out_features)
+                groups.append(Group(section, 0 if section == "middle" else block_id, len(tbs), hidden))
+    return groups
+
+
+def context_dim_of_blocks(input_blocks: Any, middle_block: Any, output_blocks: Any) -> int | None:
+    for blocks in (list(input_blocks), [middle_block], list(output_blocks)):
+        for block in blocks:
+            for m in block.modules():
+                if hasattr(m, "attn2") and hasattr(m.attn2, "to_k"):
+                    return int(m.attn2.to_k.in_features)
+    return None
+
+
+def check_fit(hidden: tuple[int, ...], context_dim: int | None, config: Any) -> None:
+    """Raise BaseModelMismatchError when an adapter (its AdapterConfig) does not fit a model whose cross-attention
+    layers have inner widths `hidden` (adapter order) and text width `context_dim`."""
+    from .config import family_for, family_label
+    from .errors import BaseModelMismatchError
+
+    if hidden == tuple(config.layer_hidden_sizes) and (context_dim is None or context_dim == config.cross_attention_dim):
+        return
+    model_family = family_for(context_dim or -1, len(hidden))
+    raise BaseModelMismatchError(
+        f"this {family_label(config.family)} adapter ({config.cross_attention_layers} cross-attention layers, text width "
+        f"{config.cross_attention_dim}) does not fit this model ({family_label(model_family)}: {len(hidden)} cross-attention "
+        f"layers, text width {context_dim}). Use an adapter made for {family_label(model_family)}, or load the "
+        "checkpoint the adapter was made for."
+    )

@@ -1,1 +1,21 @@
 """ComfyUI node layer: translates ComfyUI types into `ipa_train` calls. No math lives here."""
+
+from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
+from .common import register_folders
+from .loaders import IPAKitLoadAdapter
+
+NODE_CLASS_MAPPINGS = {
+    "IPAKitLoadAdapter": IPAKitLoadAdapter,
+    "IPAKitEncodeImage": IPAKitEncodeImage,
+    "IPAKitApply": IPAKitApply,
+    "IPAKitApplySimple": IPAKitApplySimple,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "IPAKitLoadAdapter": "Load IP-Adapter (Kit)",
+    "IPAKitEncodeImage": "Encode Reference Image (Kit)",
+    "IPAKitApply": "Apply IP-Adapter (Kit)",
+    "IPAKitApplySimple": "Apply IP-Adapter Simple (Kit)",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]

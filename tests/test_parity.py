@@ -107,7 +107,7 @@ def test_layer_weights_select_layers():
 def test_sdxl_adapter_on_sd15_unet_is_refused():
     sd15, sdxl = tiny_unet("sd15"), tiny_unet("sdxl")
     adapter = adapter_for_unet(sdxl, "plain")
-    with pytest.raises(BaseModelMismatchError, match=r"70 cross-attention layers.*does not fit this UNet.*16 layers"):
+    with pytest.raises(BaseModelMismatchError, match=r"adapter \(70 cross-attention layers.*does not fit this model.*16 cross-attention layers"):
         install_adapter(sd15, adapter)
 
 
