@@ -1,7 +1,15 @@
 """ComfyUI IP-Adapter Kit: registration only. The nodes live in `nodes/`, the host-free library in `ipa_train/`."""
 
 
+import os
+import sys
+
 WEB_DIRECTORY = "./web"
+
+# The nodes import the bundled library as `ipa_train`; ComfyUI puts only custom_nodes/ on sys.path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 

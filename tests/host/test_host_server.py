@@ -1,0 +1,200 @@
+"""A real ComfyUI server with this pack installed: /object_info, then a full prompt through the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ipa_train import save_adapter
+from ipa_train.config import AdapterConfig
+from ipa_train.layout import known_sites
+
+from ..factories import random_adapter
+from .conftest import COMFYUI_PATH, ROOT
+
+NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple")
+CACHE = Path(os.environ.get("IPAKIT_HOST_CACHE", Path.home() / ".cache" / "ipakit-host-models"))
+
+
+def _write_models(comfy) -> dict[str, Path]:
+    """Random-weight files in the real layouts, made once and cached: an SD1.5 checkpoint, a CLIP ViT-L/14
+    vision model, and a plain SD1.5 adapter for ViT-L/14."""
+    import comfy.diffusers_convert
+    import comfy.model_detection
+    import comfy.utils
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    ckpt, cv, ad = CACHE / "random_sd15.safetensors", CACHE / "random_vitl.safetensors", CACHE / "kit_sd15_vitl.safetensors"
+    torch.manual_seed(0)
+    if not ckpt.exists():
+        sd = {}
+        usd = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).state_dict()
+        keymap = comfy.utils.unet_to_diffusers(comfy.model_detection.unet_config_from_diffusers_unet(usd))
+        sd.update({"model.diffusion_model." + keymap[k]: v.half() for k, v in usd.items()})
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        sd.update({"first_stage_model." + k: v.half() for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items()})
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                          projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+        sd.update({"cond_stage_model.transformer." + k: v.half() for k, v in te.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(ckpt))
+    if not cv.exists():
+        hf = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+            image_size=224, projection_dim=768, hidden_act="quick_gelu"))
+        save_file({k: v.half().contiguous() for k, v in hf.state_dict().items()}, str(cv))
+    if not ad.exists():
+        cfg = AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=768, cross_attention_dim=768,
+                            layer_hidden_sizes=tuple(s.hidden for s in known_sites("sd15")))
+        save_adapter(random_adapter(cfg), ad)
+    return {"checkpoints": ckpt, "clip_vision": cv, "ipadapter": ad}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    files = _write_models(comfy)
+    for folder, path in files.items():
+        (base / "models" / folder).mkdir(parents=True)
+        (base / "models" / folder / path.name).symlink_to(path)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "ComfyUI-IPAdapter-Kit").symlink_to(ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(base / "input" / "ref.png")
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base)],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start in 120 s")
+        if proc.poll() is not None:
+            pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+        yield url, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_every_node_registered_with_tooltips(server):
+    url, base = server
+    info = _get(url + "/object_info")
+    for node in NODE_IDS:
+        assert node in info, (base / "server.log").read_text()[-3000:]
+        spec = info[node]
+        for section in ("required", "optional"):
+            for name, (_, opts, *_) in ((k, (v + [{}])[:2]) for k, v in spec["input"].get(section, {}).items()):
+                assert opts.get("tooltip"), f"{node}.{name} has no tooltip"
+        assert len(spec["output_tooltips"]) == len(spec["output"])
+        assert spec["category"].startswith("ipadapter_kit")
+    assert "kit_sd15_vitl.safetensors" in info["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"][0]
+
+
+def test_full_prompt_writes_an_image(server):
+    url, base = server
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "random_sd15.safetensors"}},
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
+        "3": {"class_type": "IPAKitLoadAdapter", "inputs": {"adapter_file": "kit_sd15_vitl.safetensors"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+        "5": {"class_type": "IPAKitEncodeImage", "inputs": {"adapter": ["3", 0], "clip_vision": ["2", 0], "image": ["4", 0],
+                                                           "combine": "concat", "crop": "pad"}},
+        "6": {"class_type": "IPAKitApply", "inputs": {"model": ["1", 0], "adapter": ["3", 0], "embeds": ["5", 0], "mode": "fused",
+                                                     "weight": 0.8, "fusion_lambda": 0.8, "start_at": 0.0, "end_at": 1.0,
+                                                     "layers": "all", "layer_weights": ""}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["6", 0], "seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "positive": ["7", 0], "negative": ["8", 0],
+                                                    "latent_image": ["9", 0], "denoise": 1.0}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ipakit_host"}},
+    }
+    pid = _post(url + "/prompt", {"prompt": prompt, "client_id": "ipakit-test"})["prompt_id"]
+    for _ in range(600):
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            break
+        time.sleep(0.5)
+    entry = hist[pid]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = entry["outputs"]["12"]["images"]
+    out = base / "output" / images[0]["subfolder"] / images[0]["filename"]
+    assert out.is_file() and Image.open(out).size == (64, 64)
+    info = entry["outputs"]["3"]["ipakit_info"][0]
+    assert info["encoder"] == "ViT-L/14" and info["family"] == "sd15"
+
+
+def test_wrong_encoder_message(server):
+    """A plus adapter needs penultimate hidden states of ViT-H; ViT-L gives a clear error naming both."""
+    url, base = server
+    cfg = AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=1024, cross_attention_dim=768,
+                        layer_hidden_sizes=tuple(s.hidden for s in known_sites("sd15")))
+    save_adapter(random_adapter(cfg), base / "models" / "ipadapter" / "vith_adapter.safetensors")
+    prompt = {
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
+        "3": {"class_type": "IPAKitLoadAdapter", "inputs": {"adapter_file": "vith_adapter.safetensors"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+        "5": {"class_type": "IPAKitEncodeImage", "inputs": {"adapter": ["3", 0], "clip_vision": ["2", 0], "image": ["4", 0],
+                                                           "combine": "concat", "crop": "center"}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
+    }
+    r = _post(url + "/prompt", {"prompt": prompt, "client_id": "ipakit-test"})
+    pid = r["prompt_id"]
+    for _ in range(240):
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            break
+        time.sleep(0.5)
+    msgs = json.dumps(hist[pid]["status"]["messages"])
+    assert "needs ViT-H/14" in msgs and "ViT-L/14" in msgs and "CLIP-ViT-H-14" in msgs
