@@ -37,15 +37,18 @@ class DiffusersBackbone:
         encoder_dtype: dtype of the frozen VAE and encoders (fp16/bf16 under mixed precision); the UNet stays fp32.
         components: already built modules by name (unet, vae, text_encoder, tokenizer, scheduler,
             image_encoder); those given are not loaded.
+        keep_encoders: ignore `release` (components given in memory cannot be loaded again after it; those
+            loaded from `base_model`/`image_encoder` are simply loaded again when needed).
     """
 
     def __init__(self, base_model: str | os.PathLike | None = None, image_encoder: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, encoder_dtype: torch.dtype = torch.float32,
-                 components: dict[str, Any] | None = None):
+                 components: dict[str, Any] | None = None, keep_encoders: bool = False):
         self.base_model = os.fspath(base_model) if base_model is not None else None
         self.image_encoder_path = os.fspath(image_encoder) if image_encoder is not None else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder_dtype = encoder_dtype
+        self.keep_encoders = keep_encoders
         self._clip_dims: dict[str, int] | None = None  # kept after the encoder is released
         self._models: dict[str, Any] = dict(components or {})
         for name, module in self._models.items():
@@ -118,6 +121,8 @@ class DiffusersBackbone:
         return self.get("unet")
 
     def release(self, parts: tuple[str, ...]) -> None:
+        if self.keep_encoders:
+            return
         for part in parts:
             self._models[_PARTS[part]] = None
         if self.device.type == "cuda":
