@@ -1,11 +1,13 @@
-"""Command line: `python -m ipa_train inspect FILE [--json]`, `convert IN OUT`."""
+"""Command line: `python -m ipa_train inspect FILE [--json]`, `convert IN OUT`, `train ...`, `demo`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import typing
 
 from .errors import IPAKitError
 
@@ -57,6 +59,85 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags named differently from their TrainConfig field (the field's own flag stays valid too).
+_FLAG_ALIASES = {"output_dir": ["--output"], "gradient_accumulation": ["--gradient-accumulation-steps"]}
+
+
+def add_train_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field, with the field's help, type, choices and default."""
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name.replace('_', '-')}", *_FLAG_ALIASES.get(f.name, [])]
+        kind = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        choices = None
+        if typing.get_origin(kind) is typing.Literal:
+            choices = list(typing.get_args(kind))
+            kind = type(choices[0])
+        elif typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        parser.add_argument(*flags, dest=f.name, type=kind, choices=choices, default=f.default,
+                            help=f"{help_text} (default: {f.default})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .backbone_diffusers import DiffusersBackbone
+    from .data import load_dataset
+    from .train import TrainConfig, train
+
+    config = TrainConfig.from_dict(vars(args))
+    accelerator = _accelerator(config)
+    device = accelerator.device if accelerator is not None else None
+    encoder_dtype = _encoder_dtype(config, device)
+    backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
+    dataset = load_dataset(args.data, args.captions_json, resolution=config.resolution,
+                           random_crop=config.random_crop, random_flip=config.random_flip)
+    result = train(config, backbone, dataset, accelerator=accelerator)
+    if result.adapter_path is not None:
+        _out(f"wrote {result.adapter_path} ({result.steps} steps, final loss {result.losses[-1]:.5f})")
+    return 0
+
+
+def _accelerator(config) -> typing.Any:
+    """An accelerate `Accelerator` when accelerate is installed (needed for `accelerate launch`), else None."""
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        logger.info("accelerate is not installed: training in a single process")
+        return None
+    import torch
+
+    precision = config.mixed_precision if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def _encoder_dtype(config, device) -> typing.Any:
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import REAL_MODEL_COMMAND, run_demo
+
+    result = run_demo(args.output, steps=args.steps, seed=args.seed, sample_steps=args.sample_steps)
+    _out(f"adapter:   {result.adapter}")
+    _out(f"loss plot: {result.loss_plot}")
+    for p in result.samples:
+        _out(f"sample:    {p}")
+    _out(f"done in {result.seconds:.0f} s. The backbone was a tiny random model: this checked the pipeline, not image quality.")
+    _out("To train on a real base model:")
+    _out(f"  {REAL_MODEL_COMMAND}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ipa_train", description="ComfyUI IP-Adapter Kit command line")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -71,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="checkpoint file or folder (accelerate checkpoint-N/)")
     s.add_argument("dst", help="output .safetensors")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("train", help="train an IP-Adapter on captioned images (also under `accelerate launch`)")
+    s.add_argument("--base-model", required=True, help="diffusers Stable Diffusion folder or hub id")
+    s.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder or hub id")
+    s.add_argument("--data", required=True, help="image folder (.txt captions or metadata.jsonl), or the reference JSON")
+    s.add_argument("--captions-json", default=None, help='reference [{"image_file", "text"}] list; --data is then the image root')
+    add_train_config_arguments(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="offline demo: train on the embedded photos with a tiny random backbone, then sample")
+    s.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
+    s.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
+    s.add_argument("--sample-steps", type=int, default=12, help="DDIM steps per sample (default: 12)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -21,3 +21,7 @@ class BaseModelMismatchError(IPAKitError):
 
 class DatasetError(IPAKitError):
     """A training dataset is missing, empty, or malformed."""
+
+
+class TrainConfigError(IPAKitError):
+    """A training option is out of range or contradicts another option or a checkpoint."""

@@ -10,3 +10,11 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def _quiet_diffusers():
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """(base model folder, image encoder folder) of a tiny random SD backbone saved with save_pretrained."""
+    from ipa_train.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
