@@ -37,13 +37,16 @@ class DiffusersBackbone:
         encoder_dtype: dtype of the frozen VAE and encoders (fp16/bf16 under mixed precision); the UNet stays fp32.
         components: already built modules by name (unet, vae, text_encoder, tokenizer, scheduler,
             image_encoder); those given are not loaded.
+        factories: zero-argument functions building a component, called on first use instead of loading it
+            (e.g. random full-size models for benchmarks).
         keep_encoders: ignore `release` (components given in memory cannot be loaded again after it; those
             loaded from `base_model`/`image_encoder` are simply loaded again when needed).
     """
 
     def __init__(self, base_model: str | os.PathLike | None = None, image_encoder: str | os.PathLike | None = None,
                  device: torch.device | str | None = None, encoder_dtype: torch.dtype = torch.float32,
-                 components: dict[str, Any] | None = None, keep_encoders: bool = False):
+                 components: dict[str, Any] | None = None, keep_encoders: bool = False,
+                 factories: dict[str, Callable[[], Any]] | None = None):
         self.base_model = os.fspath(base_model) if base_model is not None else None
         self.image_encoder_path = os.fspath(image_encoder) if image_encoder is not None else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -60,6 +63,7 @@ class DiffusersBackbone:
             "tokenizer": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer"),
             "scheduler": lambda: self._from_base("diffusers", "DDPMScheduler", "scheduler"),
             "image_encoder": self._load_image_encoder,
+            **(factories or {}),
         }
         self.patch: DiffusersAdapterPatch | None = None
         sched = self.get("scheduler")
@@ -102,6 +106,8 @@ class DiffusersBackbone:
             module.requires_grad_(False)
             module.eval()
             module.to(self.device)
+            if name == "unet":
+                module.to(memory_format=torch.channels_last)  # faster convolutions (about 6% per step on CPU)
             if name != "unet" and self.encoder_dtype != torch.float32:
                 module.to(dtype=self.encoder_dtype)
         if name == "image_encoder":

@@ -35,7 +35,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_tokenizer(folder: str | os.PathLike) -> Path:
+def write_tokenizer(folder: str | os.PathLike, max_length: int = MAX_TOKENS) -> Path:
     """Write a small CLIP BPE vocabulary (vocab.json, merges.txt) and save it as a `CLIPTokenizer` folder."""
     from transformers import CLIPTokenizer
 
@@ -49,7 +49,7 @@ def write_tokenizer(folder: str | os.PathLike) -> Path:
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, "unk_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "unk_token": "<|endoftext|>",
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
     CLIPTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))  # checks the files, adds the rest
     return folder
