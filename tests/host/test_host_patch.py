@@ -147,3 +147,29 @@ def test_sdxl_adapter_on_sd15_model_refused(models, kit):
     embeds = encode_embeds(adapter, torch.randn(1, 1280), torch.zeros(1, 1280))
     with pytest.raises(BaseModelMismatchError, match="Stable Diffusion XL adapter.*Stable Diffusion 1.5"):
         apply_mod.apply(patcher, adapter, embeds)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sites_found_in_comfyui_unet_match_official_layout(comfy, family):
+    """The layers our apply node finds in ComfyUI's own UNet (built on the meta device) are the official ones."""
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from ipa_train.layout import context_dim_of_blocks, groups_from_blocks, known_sites, sites_from_groups
+
+    common = dict(use_checkpoint=False, image_size=32, out_channels=4, in_channels=4, model_channels=320,
+                  use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+    cfg = {"sd15": dict(adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                        channel_mult=[1, 2, 4, 4], transformer_depth_middle=1, use_linear_in_transformer=False,
+                        context_dim=768, num_heads=8, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]),
+           "sdxl": dict(num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
+                        transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+                        use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])}[family]
+    cfg.update(common)
+    cfg["dtype"] = torch.float32
+    unet = UNetModel(**comfy.model_detection.convert_config(cfg), device="meta", operations=comfy.ops.disable_weight_init)
+    blocks = (unet.input_blocks, unet.middle_block, unet.output_blocks)
+    assert sites_from_groups(groups_from_blocks(*blocks)) == known_sites(family)
+    assert context_dim_of_blocks(*blocks) == {"sd15": 768, "sdxl": 2048}[family]
