@@ -709,7 +709,7 @@ def _loss(model: nn.Module, backbone: Backbone, batch: Batch, engine: Engine) ->
 def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
           should_stop: Callable[[], bool] | None = None,
           progress: Callable[[int, int, float], None] | None = None,
-          accelerator: Any = None) -> TrainResult:
+          accelerator: Any = None, interrupts: tuple[type[BaseException], ...] = ()) -> TrainResult:
     """Train (or fine-tune, or resume) an IP-Adapter on `dataset` with the frozen `backbone`.
 
     Args:
@@ -719,6 +719,9 @@ def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
         should_stop: polled before every step; when it returns True a checkpoint is written and training returns.
         progress: called after every optimizer step with (step, total steps, mean loss of the step).
         accelerator: an `accelerate.Accelerator` for multi-GPU / mixed precision runs; None runs in-process.
+        interrupts: exception types a host raises from inside a forward pass to cancel (ComfyUI's
+            InterruptProcessingException). The unfinished step is discarded (gradients and RNG state rolled
+            back), a checkpoint of the last finished step is written, and training returns as stopped.
 
     Returns:
         TrainResult with the trained adapter, the per-step losses and the written files.
@@ -761,18 +764,31 @@ def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
             stopped = True
             logger.info("stop requested at step %d: writing a checkpoint", state.step)
             break
+        rng_at_step = _rng_state() if interrupts else None
         total = 0.0
-        for a, batch in enumerate(_micro_batches(config, conditioning, state.step, engine)):
-            with engine.sync(model, a == config.gradient_accumulation - 1):
-                loss = _loss(model, backbone, batch, engine)
-                engine.backward(loss / config.gradient_accumulation)
-            total += float(loss.detach()) / config.gradient_accumulation
+        try:
+            for a, batch in enumerate(_micro_batches(config, conditioning, state.step, engine)):
+                with engine.sync(model, a == config.gradient_accumulation - 1):
+                    loss = _loss(model, backbone, batch, engine)
+                    engine.backward(loss / config.gradient_accumulation)
+                total += float(loss.detach()) / config.gradient_accumulation
+        except interrupts:
+            optimizer.zero_grad(set_to_none=True)
+            _set_rng_state(*rng_at_step)
+            stopped = True
+            logger.info("interrupted during step %d: discarded it, writing a checkpoint", state.step + 1)
+            break
         engine.step(optimizer, params)
         scheduler.step()
         state.step += 1
         state.losses.append(engine.mean(total))
         if progress is not None:
-            progress(state.step, config.steps, state.losses[-1])
+            try:
+                progress(state.step, config.steps, state.losses[-1])
+            except interrupts:
+                stopped = True
+                logger.info("interrupted after step %d: writing a checkpoint", state.step)
+                break
         if config.log_every and state.step % config.log_every == 0:
             rate = (time.perf_counter() - started) / (state.step - first_step)
             logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", state.step, config.steps,

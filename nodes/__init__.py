@@ -3,12 +3,15 @@
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .common import register_folders
 from .loaders import IPAKitLoadAdapter
+from .train import IPAKitDataset, IPAKitTrain
 
 NODE_CLASS_MAPPINGS = {
     "IPAKitLoadAdapter": IPAKitLoadAdapter,
     "IPAKitEncodeImage": IPAKitEncodeImage,
     "IPAKitApply": IPAKitApply,
     "IPAKitApplySimple": IPAKitApplySimple,
+    "IPAKitDataset": IPAKitDataset,
+    "IPAKitTrain": IPAKitTrain,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -16,6 +19,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAKitEncodeImage": "Encode Reference Image (Kit)",
     "IPAKitApply": "Apply IP-Adapter (Kit)",
     "IPAKitApplySimple": "Apply IP-Adapter Simple (Kit)",
+    "IPAKitDataset": "IP-Adapter Training Dataset (Kit)",
+    "IPAKitTrain": "Train IP-Adapter (Kit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]

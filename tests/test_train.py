@@ -119,6 +119,35 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_model_dirs, dataset)
     assert meta["step"] == 8 and meta["config"]["projection"] == "plus"
 
 
+class _HostInterrupt(Exception):
+    """Stands for ComfyUI's InterruptProcessingException, raised from inside a forward pass."""
+
+
+def test_interrupt_inside_a_step_rolls_back_and_resumes_to_the_same_result(tmp_path, tiny_model_dirs, dataset):
+    opts = {"steps": 6, "projection": "plain", "fusion": True, "drop_text": 0.2, "drop_image": 0.2, "drop_both": 0.2,
+            "seed": 3}
+    straight = train(_config(tmp_path / "a", **opts), _backbone(tiny_model_dirs), dataset)
+
+    backbone = _backbone(tiny_model_dirs)
+    predict = backbone.predict
+    calls = {"n": 0}
+
+    def flaky_predict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th forward: in the middle of step 4
+            raise _HostInterrupt()
+        return predict(*args, **kwargs)
+
+    backbone.predict = flaky_predict
+    stopped = train(_config(tmp_path / "b", **opts), backbone, dataset, interrupts=(_HostInterrupt,))
+    assert stopped.stopped and stopped.steps == 3
+    assert stopped.checkpoints[-1].name == "checkpoint-000003"
+    resumed = train(_config(tmp_path / "b", resume="latest", **opts), _backbone(tiny_model_dirs), dataset)
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses), rtol=0, atol=1e-6)
+    for k, v in straight.adapter.state_dict().items():
+        torch.testing.assert_close(resumed.adapter.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
 def test_exported_file_loads_in_diffusers_and_predicts_like_our_loader(tmp_path, tiny_model_dirs, dataset):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 

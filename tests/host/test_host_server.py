@@ -79,7 +79,8 @@ def _get(url: str):
 def _post(url: str, body: dict):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+        body = r.read()
+        return json.loads(body) if body.strip() else {}
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,117 @@ def test_wrong_encoder_message(server):
         time.sleep(0.5)
     msgs = json.dumps(hist[pid]["status"]["messages"])
     assert "needs ViT-H/14" in msgs and "ViT-L/14" in msgs and "CLIP-ViT-H-14" in msgs
+
+
+def _run(url: str, prompt: dict, timeout_s: float = 600) -> dict:
+    pid = _post(url + "/prompt", {"prompt": prompt, "client_id": "ipakit-test"})["prompt_id"]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            return hist[pid]
+        time.sleep(0.5)
+    pytest.fail(f"prompt {pid} did not finish in {timeout_s} s")
+
+
+def _error(entry: dict) -> str:
+    for kind, data in entry["status"].get("messages", []):
+        if kind == "execution_error":
+            return f"{data['node_type']}: {data['exception_type']}: {data['exception_message']}\n" + "".join(data["traceback"][-3:])
+    return json.dumps(entry["status"])[-2000:]
+
+
+def _train_prompt(steps: int) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "random_sd15.safetensors"}},
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
+        "3": {"class_type": "IPAKitDataset", "inputs": {"path": "__DATASET__", "captions_json": ""}},
+        "4": {"class_type": "IPAKitTrain", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clip_vision": ["2", 0], "dataset": ["3", 0],
+            "projection": "plain", "fusion": True, "steps": steps, "batch_size": 1, "learning_rate": 1e-4, "resolution": 64,
+            "drop_text": 0.05, "drop_image": 0.05, "drop_both": 0.05, "seed": 0, "save_every": 2, "output_name": "host-run"}},
+        "5": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
+        "6": {"class_type": "IPAKitEncodeImage", "inputs": {"adapter": ["4", 0], "clip_vision": ["2", 0], "image": ["5", 0],
+                                                           "combine": "concat", "crop": "center"}},
+        "7": {"class_type": "IPAKitApply", "inputs": {"model": ["1", 0], "adapter": ["4", 0], "embeds": ["6", 0], "mode": "fused",
+                                                     "weight": 0.8, "fusion_lambda": 0.8, "start_at": 0.0, "end_at": 1.0,
+                                                     "layers": "all", "layer_weights": ""}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"model": ["7", 0], "seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
+                                                    "scheduler": "normal", "positive": ["8", 0], "negative": ["8", 0],
+                                                    "latent_image": ["9", 0], "denoise": 1.0}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "ipakit_trained"}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["4", 2], "filename_prefix": "ipakit_loss"}},
+    }
+
+
+def test_train_node_then_apply_in_one_prompt_and_resume(server):
+    """IPAKitTrain trains a few steps on the SD1.5-architecture checkpoint; its adapter drives the apply node in the
+    same prompt; queueing again with the same name and more steps resumes from the last checkpoint."""
+    url, base = server
+    ds = base / "input" / "train_ds"
+    ds.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(ds / f"img{i}.png")
+        (ds / f"img{i}.txt").write_text(f"a random picture number {i}")
+    (ds / "broken.png").write_bytes(b"not an image")
+    prompt = json.loads(json.dumps(_train_prompt(3)).replace("__DATASET__", str(ds)))
+    prompt["4"]["inputs"].update(validate_every=3, validation_prompt="a cat", validation_image=["5", 0])
+    prompt["14"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 3], "filename_prefix": "ipakit_val"}}
+    entry = _run(url, prompt)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    assert "3 images, 3 captions" in entry["outputs"]["3"]["text"][0] and "broken.png" in entry["outputs"]["3"]["text"][0]
+    assert (base / "output" / "ipadapter_kit" / "host-run.safetensors").is_file()
+    run_dir = base / "output" / "ipadapter_kit_runs" / "host-run" / "checkpoints"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+    assert entry["outputs"]["12"]["images"] and entry["outputs"]["13"]["images"]
+    val = entry["outputs"]["14"]["images"]
+    assert len(val) == 1 and Image.open(base / "output" / val[0]["subfolder"] / val[0]["filename"]).size == (512, 512)
+    # the trained file shows up in the loader's list and loads with fusion weights
+    info = _get(url + "/object_info/IPAKitLoadAdapter")["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"][0]
+    assert "host-run.safetensors" in info
+
+    prompt5 = json.loads(json.dumps(_train_prompt(5)).replace("__DATASET__", str(ds)))
+    entry = _run(url, prompt5)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    assert "host-run: 5 steps" in json.dumps(entry["outputs"]["4"])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-000002", "checkpoint-000003", "checkpoint-000004", "checkpoint-000005"]
+
+
+def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(server):
+    url, base = server
+    ds = base / "input" / "cancel_ds"
+    ds.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ds / f"c{i}.png")
+        (ds / f"c{i}.txt").write_text(f"picture {i}")
+    prompt = json.loads(json.dumps(_train_prompt(400)).replace("__DATASET__", str(ds)).replace("host-run", "cancel-run"))
+    prompt["4"]["inputs"]["save_every"] = 0
+    for key in ("5", "6", "7", "8", "9", "10", "11", "12"):
+        del prompt[key]
+    pid = _post(url + "/prompt", {"prompt": prompt, "client_id": "ipakit-test"})["prompt_id"]
+    run_dir = base / "output" / "ipadapter_kit_runs" / "cancel-run"
+    deadline = time.time() + 120
+    while time.time() < deadline and not _get(url + "/queue")["queue_running"]:
+        time.sleep(0.2)
+    time.sleep(25)  # load the models, cache the dataset, train a few steps
+    _post(url + "/interrupt", {})
+    for _ in range(600):
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("completed") is not None:
+            break
+        time.sleep(0.5)
+    kinds = [m[0] for m in hist[pid]["status"]["messages"]]
+    assert "execution_interrupted" in kinds, _error(hist[pid])
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].split("-")[1])
+    assert 0 <= stopped_at < 400
+    prompt["4"]["inputs"]["steps"] = stopped_at + 2
+    entry = _run(url, prompt)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    assert f"cancel-run: {stopped_at + 2} steps" in json.dumps(entry["outputs"]["4"])

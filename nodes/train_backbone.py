@@ -1,0 +1,172 @@
+"""The training backbone over the models a ComfyUI user already loaded (MODEL, CLIP, VAE, CLIP_VISION).
+
+Implements `ipa_train.train.Backbone` by translating to ComfyUI calls; no second copy of the model is made.
+The UNet runs with this pack's own attn2 patch, and gradients reach the adapter through it: each `predict`
+computes the image K/V of every layer from the (trainable) image tokens and hands them to the patch for
+that call only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import host_text_attention
+
+
+def _make_autograd_safe(module: torch.nn.Module) -> None:
+    """Weights loaded while ComfyUI ran a node are inference tensors, which autograd may not save for backward.
+    Swap each for a normal tensor with the same values (done once; the model computes exactly as before)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_inference():
+                sub._buffers[name] = b.clone()
+
+
+class ComfyBackbone:
+    def __init__(self, model, clip, vae, clip_vision):
+        import comfy.model_base
+        import comfy.model_management as mm
+
+        from ipa_train.layout import context_dim_of_blocks, groups_from_blocks, sites_from_groups
+
+        self.mm = mm
+        self.base = model
+        self.clip, self.vae, self.clip_vision = clip, vae, clip_vision
+        unet = model.get_model_object("diffusion_model")
+        blocks = (unet.input_blocks, unet.middle_block, unet.output_blocks)
+        self.sites = sites_from_groups(groups_from_blocks(*blocks))
+        if not self.sites:
+            raise ValueError("this MODEL has no cross-attention layers an IP-Adapter could train on (is it a UNet model?)")
+        self.cross_attention_dim = int(context_dim_of_blocks(*blocks))
+        if getattr(model.model, "adm_channels", 0):
+            raise ValueError(
+                "training inside ComfyUI supports SD1.x/SD2.x-style models (no pooled-text/size conditioning); "
+                "for SDXL use the command line: python -m ipa_train train --base-model ..."
+            )
+        model_type = model.model.model_type
+        self.prediction_type = "v_prediction" if model_type == comfy.model_base.ModelType.V_PREDICTION else "epsilon"
+        sampling = model.get_model_object("model_sampling")
+        self.sigmas = sampling.sigmas.detach().float().cpu()  # [1000], sigma of each DDPM timestep
+        self.num_train_timesteps = int(self.sigmas.shape[0])
+        self.device = mm.get_torch_device()
+        self.patched = None
+        self._clip_dims: dict[str, int] = {}
+
+    # --- sizes
+    def clip_embedding_dim(self, output: str) -> int:
+        if output not in self._clip_dims:
+            embeds, hidden = self._clip(torch.zeros(1, 3, 224, 224))
+            self._clip_dims = {"image_embeds": int(embeds.shape[-1]), "penultimate": int(hidden.shape[-1])}
+        return self._clip_dims[output]
+
+    def layer_hidden_sizes(self) -> list[int]:
+        return [s.hidden for s in self.sites]
+
+    # --- encoders (frozen, no grad)
+    def encode_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = ((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # [B, H, W, 3] in 0..1, ComfyUI IMAGE
+        with torch.no_grad():
+            latent = self.vae.encode(image)
+            latent = self.base.model.process_latent_in(latent).float().cpu()
+        return latent, torch.zeros_like(latent)  # ComfyUI's VAE returns the distribution's mode
+
+    def encode_text(self, captions: list[str]):
+        from ipa_train.train import TextCondition
+
+        rows = []
+        with torch.no_grad():
+            for caption in captions:
+                tokens = self.clip.tokenize(caption)
+                rows.append(self.clip.encode_from_tokens(tokens).float().cpu())  # [1, 77, C]
+        return TextCondition(hidden=torch.cat(rows))
+
+    def _clip(self, clip_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cv = self.clip_vision
+        self.mm.load_model_gpu(cv.patcher)
+        with torch.no_grad():
+            out = cv.model(pixel_values=clip_pixels.to(cv.load_device), intermediate_output=-2)
+        return out[2].float().cpu(), out[1].float().cpu()
+
+    def encode_image(self, clip_pixels: torch.Tensor, output: str) -> torch.Tensor:
+        embeds, hidden = self._clip(clip_pixels)
+        return embeds if output == "image_embeds" else hidden
+
+    # --- DDPM noise schedule from the model's own sigmas
+    def _alphas(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = self.sigmas[timesteps.long().cpu()].to(like)
+        a = (1.0 / (1.0 + sigma**2)).sqrt().view(-1, 1, 1, 1)  # sqrt(alpha_bar)
+        s = (sigma**2 / (1.0 + sigma**2)).sqrt().view(-1, 1, 1, 1)  # sqrt(1 - alpha_bar)
+        return a, s
+
+    def add_noise(self, latents, noise, timesteps):
+        a, s = self._alphas(timesteps, latents)
+        return a * latents + s * noise
+
+    def target(self, latents, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        a, s = self._alphas(timesteps, latents)
+        return a * noise - s * latents
+
+    # --- adapter
+    def init_adapter(self, adapter) -> None:
+        attn = self._attn2_modules(self.base.get_model_object("diffusion_model"))
+        with torch.no_grad():
+            for site, layer in zip(self.sites, adapter.layers):
+                a = attn[site.key]
+                layer.to_k_ip.weight.copy_(a.to_k.weight.float().cpu())
+                layer.to_v_ip.weight.copy_(a.to_v.weight.float().cpu())
+
+    @staticmethod
+    def _attn2_modules(unet) -> dict:
+        out = {}
+        for section, blocks in (("input", list(unet.input_blocks)), ("middle", [unet.middle_block]),
+                                ("output", list(unet.output_blocks))):
+            for block_id, block in enumerate(blocks):
+                for layer in block.children():
+                    for i, tb in enumerate(getattr(layer, "transformer_blocks", []) or []):
+                        out[(section, 0 if section == "middle" else block_id, i)] = tb.attn2
+        return out
+
+    def attach(self, adapter) -> None:
+        from ipa_train.comfy_patch import AdapterApplication, ImageEmbeds, chain_patches
+
+        self.adapter = adapter
+        zeros = torch.zeros(1, 1, adapter.config.cross_attention_dim)
+        self.app = AdapterApplication(adapter, ImageEmbeds(zeros, zeros, adapter.config.variant), [1.0] * len(self.sites))
+        m = self.base.clone()
+        existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        for (section, block_id, block_index), patch in chain_patches(existing, self.app, self.sites, host_text_attention).items():
+            m.set_model_attn2_replace(patch, section, block_id, block_index)
+        self.mm.load_models_gpu([m], force_full_load=True)
+        _make_autograd_safe(m.model.diffusion_model)
+        self.patched = m
+        m.model.requires_grad_(False)
+
+    def predict(self, noisy, timesteps, text, ip_tokens):
+        from ipa_train.comfy_patch import CALL_KV_KEY
+
+        m = self.patched
+        dtype = m.model.get_dtype()
+        to = dict(m.model_options.get("transformer_options", {}))
+        kv = [(k.to(self.device, dtype), v.to(self.device, dtype)) for k, v in self.adapter.image_kv(ip_tokens.to(self.device))]
+        to[CALL_KV_KEY] = {self.app.uid: kv}
+        to["cond_or_uncond"] = [0]
+        unet = m.model.diffusion_model
+        out = unet(noisy.to(self.device, dtype), timesteps.to(self.device).float(),
+                   context=text.hidden.to(self.device, dtype), transformer_options=to)
+        return out.float()
+
+    def release(self, parts: tuple[str, ...]) -> None:
+        if "vae" in parts:
+            self.vae = None
+        if "text" in parts:
+            self.clip = None
+
+    def enable_gradient_checkpointing(self) -> None:
+        from .common import logger
+
+        logger.warning("IPAKitTrain: gradient checkpointing is not available inside ComfyUI; training without it")
