@@ -164,3 +164,18 @@ def write_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
                                  projection_dim=CLIP_PROJECTION))
     model.save_pretrained(str(folder))
     return folder
+
+
+def tiny_adapter(unet: Any, seed: int = 0) -> Any:
+    """A plain `IPAdapter` fitting `unet` and the tiny image encoder, image K/V initialised from the UNet."""
+    from .config import AdapterConfig
+    from .diffusers_unet import init_from_unet, unet_layer_hidden_sizes
+    from .modules import IPAdapter
+
+    torch.manual_seed(seed)
+    config = AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=CLIP_PROJECTION,
+                           cross_attention_dim=int(unet.config.cross_attention_dim),
+                           layer_hidden_sizes=tuple(unet_layer_hidden_sizes(unet)), variant="tiny-random")
+    adapter = IPAdapter(config)
+    init_from_unet(adapter, unet)
+    return adapter.eval()
