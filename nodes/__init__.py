@@ -2,6 +2,7 @@
 
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .common import register_folders
+from .evaluate import IPAKitEvaluate
 from .loaders import IPAKitLoadAdapter
 
 NODE_CLASS_MAPPINGS = {
@@ -9,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAKitEncodeImage": IPAKitEncodeImage,
     "IPAKitApply": IPAKitApply,
     "IPAKitApplySimple": IPAKitApplySimple,
+    "IPAKitEvaluate": IPAKitEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -16,6 +18,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAKitEncodeImage": "Encode Reference Image (Kit)",
     "IPAKitApply": "Apply IP-Adapter (Kit)",
     "IPAKitApplySimple": "Apply IP-Adapter Simple (Kit)",
+    "IPAKitEvaluate": "Evaluate IP-Adapter Images (Kit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]
