@@ -10,7 +10,7 @@ Every score is on a 0-100 scale, computed from CLIP embeddings (L2-normalised, c
 - **combined** = the mean of preservation and prompt following (preservation alone when no text model is given).
 - **grade**: A+ >= 90, A >= 80, B >= 70, C >= 60, F below (see `GRADES`).
 - **diversity** = 100 * the mean over pairs of generated images of the cosine distance 1 - max(0, cos): 0 when
-  every image is the same, 100 when every pair is orthogonal. Seeds of one setting usually give 5-30.
+  every image is the same, 100 when every pair is orthogonal (its typical range depends on the CLIP model).
 
 The embedding models are behind two small interfaces (`ImageEmbedder`, `ClipEmbedder`), so the same `Scorer`
 runs on a transformers CLIP (`CLIPEmbedder.from_pretrained`), on ComfyUI's loaded CLIP vision model (wrapped in
