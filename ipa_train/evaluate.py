@@ -87,6 +87,8 @@ def image_list(images: Images) -> list[torch.Tensor]:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3:
             raise EvaluationError(f"expected images as [N, H, W, 3] (ComfyUI IMAGE), got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise EvaluationError("no images given (empty batch)")
         return [x.float().cpu() for x in images]
     out = []
     for i, img in enumerate(images):
