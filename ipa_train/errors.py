@@ -25,3 +25,7 @@ class DatasetError(IPAKitError):
 
 class TrainConfigError(IPAKitError):
     """A training option is out of range or contradicts another option or a checkpoint."""
+
+
+class EvaluationError(IPAKitError):
+    """An evaluation input (CLIP model, image, sweep setting, report file) is missing or unusable."""

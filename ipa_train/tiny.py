@@ -140,3 +140,42 @@ def write_tiny_models(folder: str | os.PathLike, seed: int = 0, prediction_type:
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
     }))
     return base, encoder
+
+
+def write_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a tiny random full `CLIPModel` (text + vision towers) and its offline tokenizer in one folder.
+
+    The folder loads like a hub CLIP checkpoint (`CLIPModel.from_pretrained`, `CLIPTokenizer.from_pretrained`),
+    so evaluation runs offline in tests and in the tiny sweep. Its scores check the plumbing, not image quality.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+    folder = Path(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(folder)))
+    vocab = len(tokenizer)
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=CLIP_PROJECTION,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=CLIP_HIDDEN, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, projection_dim=CLIP_PROJECTION)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                 projection_dim=CLIP_PROJECTION))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_adapter(unet: Any, seed: int = 0) -> Any:
+    """A plain `IPAdapter` fitting `unet` and the tiny image encoder, image K/V initialised from the UNet."""
+    from .config import AdapterConfig
+    from .diffusers_unet import init_from_unet, unet_layer_hidden_sizes
+    from .modules import IPAdapter
+
+    torch.manual_seed(seed)
+    config = AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=CLIP_PROJECTION,
+                           cross_attention_dim=int(unet.config.cross_attention_dim),
+                           layer_hidden_sizes=tuple(unet_layer_hidden_sizes(unet)), variant="tiny-random")
+    adapter = IPAdapter(config)
+    init_from_unet(adapter, unet)
+    return adapter.eval()

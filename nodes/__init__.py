@@ -2,6 +2,7 @@
 
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .common import register_folders
+from .evaluate import IPAKitEvaluate
 from .loaders import IPAKitLoadAdapter
 from .train import IPAKitDataset, IPAKitTrain
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAKitApplySimple": IPAKitApplySimple,
     "IPAKitDataset": IPAKitDataset,
     "IPAKitTrain": IPAKitTrain,
+    "IPAKitEvaluate": IPAKitEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAKitApplySimple": "Apply IP-Adapter Simple (Kit)",
     "IPAKitDataset": "IP-Adapter Training Dataset (Kit)",
     "IPAKitTrain": "Train IP-Adapter (Kit)",
+    "IPAKitEvaluate": "Evaluate IP-Adapter Images (Kit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]

@@ -18,3 +18,11 @@ def tiny_model_dirs(tmp_path_factory):
     from ipa_train.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A folder with a tiny random full CLIPModel and its offline tokenizer."""
+    from ipa_train.tiny import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -21,7 +21,7 @@ def test_import_without_host():
         "            raise ImportError('host module imported: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import ipa_train, ipa_train.formats, ipa_train.attention, ipa_train.diffusers_unet, ipa_train.cli, ipa_train.layout\n"
-        "import ipa_train.data, ipa_train.train, ipa_train.backbone_diffusers, ipa_train.demo, ipa_train.tiny, ipa_train.plot\n"
+        "import ipa_train.data, ipa_train.train, ipa_train.backbone_diffusers, ipa_train.demo, ipa_train.tiny, ipa_train.plot, ipa_train.evaluate\n"
         "assert not any(m.split('.')[0] in HOST for m in sys.modules)\n"
         "print('ok')\n"
     )

@@ -23,7 +23,7 @@ from ipa_train.layout import known_sites
 from ..factories import random_adapter
 from .conftest import COMFYUI_PATH, ROOT
 
-NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple")
+NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitEvaluate")
 CACHE = Path(os.environ.get("IPAKIT_HOST_CACHE", Path.home() / ".cache" / "ipakit-host-models"))
 
 
