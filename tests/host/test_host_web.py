@@ -1,0 +1,194 @@
+"""The web extensions (web/js) in a real browser: headless Chromium on a running ComfyUI with this pack.
+
+Needs Chromium (`/usr/bin/chromium`, or CHROMIUM_PATH) and the `playwright` Python package (its API only; no
+downloaded browser). The training node is stood in for by a test-only pack written at run time: a node
+that pushes "ipakit.training" events the way IPAKitTrain does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import COMFYUI_PATH, ROOT
+from .test_host_server import _free_port, _get, _write_models
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser") or ""
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PACK = "ComfyUI-IPAdapter-Kit"
+LOSSES = [1.0, 0.8, 0.6, 0.5, 0.45]
+
+EMITTER = textwrap.dedent('''
+    """Test-only pack: pushes "ipakit.training" events like IPAKitTrain, under its own unique_id."""
+    import time
+
+    from server import PromptServer
+
+
+    class IPAKitTestEmitter:
+        CATEGORY = "ipadapter_kit/test"
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"steps": ("INT", {"default": 5})}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+        @classmethod
+        def IS_CHANGED(cls, **kwargs):
+            return float("nan")
+
+        def run(self, steps, unique_id):
+            server = PromptServer.instance
+            losses = %r
+            for step in range(1, steps + 1):
+                event = {"node": str(unique_id), "step": step, "total": steps, "loss": losses[step - 1],
+                         "done": step == steps, "status": "done" if step == steps else "training"}
+                server.send_sync("ipakit.training", event, server.client_id)
+                time.sleep(0.5)
+            return {}
+
+
+    NODE_CLASS_MAPPINGS = {"IPAKitTestEmitter": IPAKitTestEmitter}
+''') % (LOSSES,)
+
+
+def _playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install playwright; no browser download needed)")
+    if not CHROMIUM or not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("Chromium not found (apt-get install chromium, or set CHROMIUM_PATH)")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def web_server(comfy, tmp_path_factory):
+    sync_playwright = _playwright()
+    base = tmp_path_factory.mktemp("comfy_web")
+    files = _write_models(comfy)
+    for folder, path in files.items():
+        (base / "models" / folder).mkdir(parents=True)
+        (base / "models" / folder / path.name).symlink_to(path)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "ipakit_test_emitter").mkdir()
+    (base / "custom_nodes" / "ipakit_test_emitter" / "__init__.py").write_text(EMITTER)
+    # No first-run dialogs over the canvas.
+    (base / "user" / "default").mkdir(parents=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(
+        '{"Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": false}')
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base)],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start in 120 s")
+        yield url, base, sync_playwright
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_extensions_are_served(web_server):
+    url, base, _ = web_server
+    listed = _get(url + "/extensions")
+    assert f"/extensions/{PACK}/js/loader_info.js" in listed, listed
+    assert f"/extensions/{PACK}/js/training_loss.js" in listed, listed
+
+
+# Builds: IPAKitLoadAdapter -> PreviewAny (so the loader runs), and the emitter; queues it as the UI would.
+BUILD_AND_QUEUE = """async ([adapterFile]) => {
+  const app = window.comfyAPI.app.app;
+  const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+  app.graph.clear();
+  const loader = add("IPAKitLoadAdapter", [120, 140]);
+  loader.widgets.find((w) => w.name === "adapter_file").value = adapterFile;
+  const preview = add("PreviewAny", [560, 140]);
+  loader.connect(1, preview, 0);
+  const emitter = add("IPAKitTestEmitter", [120, 360]);
+  app.canvas.ds.offset = [0, 0];
+  app.canvas.ds.scale = 1;
+  await app.queuePrompt(0);
+  return { loader: loader.id, emitter: emitter.id };
+}"""
+
+
+def test_loss_curve_and_adapter_info_in_browser(web_server, tmp_path):
+    url, base, sync_playwright = web_server
+    errors: list[str] = []
+    shot = Path(os.environ.get("IPAKIT_WEB_SCREENSHOT", Path(tempfile.gettempdir()) / "ipakit_web.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("console", lambda m: errors.append(f"console: {m.text}")
+                    if m.type == "error" and "ipadapter" in (m.text + str(m.location)).lower() else None)
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_function(
+                """() => { const app = window.comfyAPI?.app?.app; const names = (app?.extensions ?? []).map((e) => e.name);
+                           return app?.graph && names.includes("ipadapter_kit.loader_info")
+                                  && names.includes("ipadapter_kit.training_loss")
+                                  && LiteGraph.registered_node_types["IPAKitTestEmitter"]; }""",
+                timeout=120_000)
+            ids = page.evaluate(BUILD_AND_QUEUE, ["kit_sd15_vitl.safetensors"])
+
+            # Events arrive while the node runs: the history grows step by step.
+            page.wait_for_function(f"() => (window.__ipakit?.training?.['{ids['emitter']}']?.points.length ?? 0) >= 2",
+                                   timeout=240_000)
+            partial = page.evaluate(f"() => window.__ipakit.training['{ids['emitter']}'].done")
+            page.screenshot(path=str(shot.with_name(shot.stem + "_live.png")))
+            page.wait_for_function(f"() => window.__ipakit?.training?.['{ids['emitter']}']?.done === true", timeout=60_000)
+            page.wait_for_function(f"() => window.__ipakit?.loaderInfo?.['{ids['loader']}'] !== undefined", timeout=240_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shot))
+            state = page.evaluate(f"""() => {{
+                const app = window.comfyAPI.app.app;
+                const emitter = app.graph.getNodeById({ids['emitter']}), loader = app.graph.getNodeById({ids['loader']});
+                return {{ run: window.__ipakit.training['{ids['emitter']}'], info: window.__ipakit.loaderInfo['{ids['loader']}'],
+                          lines: loader.ipakitInfoLines, attached: !!emitter.ipakitLossAttached,
+                          emitterSize: [...emitter.size], loaderSize: [...loader.size] }};
+            }}""")
+        finally:
+            browser.close()
+
+    assert not errors, "\n".join(errors)
+    assert partial is False  # seen before the last event, i.e. live
+    run = state["run"]
+    assert [p[0] for p in run["points"]] == [1, 2, 3, 4, 5]
+    assert [p[1] for p in run["points"]] == pytest.approx(LOSSES)
+    assert run["total"] == 5 and run["status"] == "done" and state["attached"]
+    assert state["emitterSize"][1] >= 90  # room made for the plot
+    info = state["info"]
+    assert info["file"] == "kit_sd15_vitl.safetensors" and info["encoder"] == "ViT-L/14" and info["family"] == "sd15"
+    assert state["lines"][0].startswith(f"{info['variant']} · sd15 · ViT-L/14 · {info['num_tokens']} tokens · fusion: ")
+    assert shot.stat().st_size > 10_000
