@@ -66,6 +66,16 @@ def _send(node_id, data):
         pass
 
 
+def _progress_text(node_id, text: str) -> None:
+    """Text under the node's progress bar (the loss), where the host supports it."""
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # older hosts or no server: the websocket event and logs still carry the loss
+        pass
+
+
 def _image_tensor(path) -> torch.Tensor:
     from PIL import Image
 
@@ -157,6 +167,7 @@ class IPAKitTrain:
             backbone = ComfyBackbone(model, clip, vae, clip_vision)
 
             def progress(step, total, loss):
+                _progress_text(unique_id, f"step {step}/{total} · loss {loss:.4f}")
                 bar.update_absolute(step, total)
                 _send(unique_id, {"step": step, "total": total, "loss": float(loss), "done": False, "status": "training"})
                 if validate_every and validation_image is not None and step % validate_every == 0:

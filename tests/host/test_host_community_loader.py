@@ -1,0 +1,54 @@
+"""Files written by this kit load in the community pack's (cubiq/ComfyUI_IPAdapter_plus) loader and model.
+
+Runs when IPADAPTER_PLUS_PATH names a checkout of that pack (it is GPL-3.0: read and run, never copied here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipa_train import save_adapter
+from ipa_train.config import AdapterConfig, ResamplerConfig
+from ipa_train.layout import known_sites
+
+from ..factories import random_adapter
+
+PACK = os.environ.get("IPADAPTER_PLUS_PATH", "")
+
+
+@pytest.fixture(scope="module")
+def cubiq(comfy):
+    if not PACK or not (Path(PACK) / "IPAdapterPlus.py").is_file():
+        pytest.skip("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
+    spec = importlib.util.spec_from_file_location("cubiq_ipadapter_plus", Path(PACK) / "__init__.py",
+                                                  submodule_search_locations=[PACK])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cubiq_ipadapter_plus"] = module
+    spec.loader.exec_module(module)
+    return sys.modules["cubiq_ipadapter_plus.utils"], sys.modules["cubiq_ipadapter_plus.IPAdapterPlus"]
+
+
+@pytest.mark.parametrize("projection", ["plain", "plus"])
+def test_kit_file_with_fusion_weights_loads_in_community_pack(cubiq, tmp_path, projection):
+    utils, plus_mod = cubiq
+    hidden = tuple(s.hidden for s in known_sites("sd15"))
+    cfg = AdapterConfig(projection=projection, num_tokens=4 if projection == "plain" else 16,
+                        clip_embedding_dim=1024 if projection == "plain" else 1280, cross_attention_dim=768,
+                        layer_hidden_sizes=hidden, clip_output="image_embeds" if projection == "plain" else "penultimate",
+                        fusion=True, resampler=ResamplerConfig(768, 4, 12, 64, 4) if projection == "plus" else None)
+    ours = random_adapter(cfg, seed=5)
+    path = save_adapter(ours, tmp_path / f"kit-{projection}.safetensors")
+    model = utils.ipadapter_model_loader(str(path))
+    assert set(model["ip_adapter"]) == {k[len("ip_adapter."):] for k in ours.state_dict() if k.startswith("ip_adapter.")}
+    theirs = plus_mod.IPAdapter(model, cross_attention_dim=768,  # cubiq: 1280 only for SDXL plus
+                                output_cross_attention_dim=768, clip_embeddings_dim=cfg.clip_embedding_dim,
+                                clip_extra_context_tokens=cfg.num_tokens, is_plus=projection == "plus")
+    clip = torch.randn(1, 1024) if projection == "plain" else torch.randn(1, 257, 1280)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.image_proj_model(clip), ours.project(clip), rtol=1e-4, atol=1e-5)
