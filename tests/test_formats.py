@@ -82,6 +82,7 @@ def test_save_round_trip_with_fusion_and_metadata(tmp_path):
     assert inspect_file(path)["fusion"] is True
     # no temporary file left behind by the atomic write
     assert sorted(os.listdir(tmp_path)) == ["mine.safetensors"]
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # readable like any normally written file
 
 
 def test_saved_file_loads_in_diffusers_load_ip_adapter(tmp_path):
@@ -263,3 +264,9 @@ def test_wrong_extension_and_missing_file(tmp_path):
     adapter = random_adapter(official_config(OFFICIAL[0]))
     with pytest.raises(AdapterFormatError, match=r"\.safetensors only"):
         save_adapter(adapter, tmp_path / "out.bin")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
