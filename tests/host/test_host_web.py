@@ -16,7 +16,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import COMFYUI_PATH, ROOT
 from .test_host_server import _free_port, _get, _write_models
@@ -192,3 +194,49 @@ def test_loss_curve_and_adapter_info_in_browser(web_server, tmp_path):
     assert info["file"] == "kit_sd15_vitl.safetensors" and info["encoder"] == "ViT-L/14" and info["family"] == "sd15"
     assert state["lines"][0].startswith(f"{info['variant']} · sd15 · ViT-L/14 · {info['num_tokens']} tokens · fusion: ")
     assert shot.stat().st_size > 10_000
+
+
+BUILD_TRAIN = """async ([ckpt, clipVision, dataset]) => {
+  const app = window.comfyAPI.app.app;
+  const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+  const set = (node, name, value) => { node.widgets.find((w) => w.name === name).value = value; };
+  app.graph.clear();
+  const loader = add("CheckpointLoaderSimple", [40, 80]);
+  set(loader, "ckpt_name", ckpt);
+  const cv = add("CLIPVisionLoader", [40, 300]);
+  set(cv, "clip_name", clipVision);
+  const ds = add("IPAKitDataset", [40, 420]);
+  set(ds, "path", dataset);
+  const train = add("IPAKitTrain", [420, 80]);
+  for (const [k, v] of Object.entries({ steps: 4, resolution: 64, save_every: 0, output_name: "web-run" })) set(train, k, v);
+  loader.connect(0, train, 0); loader.connect(1, train, 1); loader.connect(2, train, 2);
+  cv.connect(0, train, 3); ds.connect(0, train, 4);
+  await app.queuePrompt(0);
+  return { train: train.id };
+}"""
+
+
+def test_real_training_node_draws_its_loss(web_server):
+    """The real IPAKitTrain node pushes its loss to the page while it trains, and the curve is attached to it."""
+    url, base, sync_playwright = web_server
+    ds = base / "input" / "web_ds"
+    ds.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ds / f"w{i}.png")
+        (ds / f"w{i}.txt").write_text(f"image {i}")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && LiteGraph.registered_node_types['IPAKitTrain']",
+                                   timeout=120_000)
+            ids = page.evaluate(BUILD_TRAIN, ["random_sd15.safetensors", "random_vitl.safetensors", str(ds)])
+            page.wait_for_function(f"() => window.__ipakit?.training?.['{ids['train']}']?.done === true", timeout=600_000)
+            run = page.evaluate(f"() => window.__ipakit.training['{ids['train']}']")
+            attached = page.evaluate(f"() => !!window.comfyAPI.app.app.graph.getNodeById({ids['train']}).ipakitLossAttached")
+        finally:
+            browser.close()
+    assert [pt[0] for pt in run["points"]] == [1, 2, 3, 4]
+    assert all(isinstance(pt[1], float) and pt[1] > 0 for pt in run["points"])
+    assert run["total"] == 4 and run["status"] == "done" and attached
