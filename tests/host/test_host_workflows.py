@@ -1,0 +1,141 @@
+"""workflows/*.json in the real frontend (headless Chromium on a running ComfyUI with this pack): each loads with no
+missing node types and converts to an API prompt; the scaled-generation workflow then runs, with the random-weight
+models standing in for the official files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import COMFYUI_PATH, ROOT
+from .test_host_server import _error, _free_port, _get, _run, _write_models
+from .test_host_web import CHROMIUM, CHROMIUM_ARGS, PACK, _playwright
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+# official file name -> the random-weight stand-in written by _write_models
+STAND_INS = {
+    "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
+    "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
+}
+
+LOAD_AND_CONVERT = """async (wf) => {
+  const app = window.comfyAPI.app.app;
+  const missing = [...new Set(wf.nodes.map((n) => n.type))].filter((t) => !LiteGraph.registered_node_types[t]);
+  await app.loadGraphData(wf, true, true, null, { showMissingNodesDialog: false, showMissingModelsDialog: false });
+  const loaded = app.graph._nodes.map((n) => ({ id: n.id, type: n.type, widgets: (n.widgets || []).map((w) => w.value) }));
+  const { output } = await app.graphToPrompt();
+  return { missing, loaded, links: app.graph.links.size ?? Object.keys(app.graph.links).length, output };
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser_server(comfy, tmp_path_factory):
+    sync_playwright = _playwright()
+    base = tmp_path_factory.mktemp("comfy_workflows")
+    files = _write_models(comfy)
+    for folder, path in files.items():
+        (base / "models" / folder).mkdir(parents=True)
+        (base / "models" / folder / path.name).symlink_to(path)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(base / "input" / "reference.png")
+    (base / "user" / "default").mkdir(parents=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(
+        '{"Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": false}')
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base)],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start in 120 s")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+                page.goto(url, wait_until="domcontentloaded")
+                page.wait_for_function(
+                    "() => window.comfyAPI?.app?.app?.graph && LiteGraph.registered_node_types['IPAKitApply']",
+                    timeout=120_000)
+                converted = {path.stem: page.evaluate(LOAD_AND_CONVERT, json.loads(path.read_text())) for path in WORKFLOWS}
+            finally:
+                browser.close()
+        yield url, base, converted, errors
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
+    _, _, converted, errors = browser_server
+    wf = json.loads(path.read_text())
+    result = converted[path.stem]
+    assert result["missing"] == [], f"missing node types: {result['missing']}"
+    assert sorted(n["id"] for n in result["loaded"]) == sorted(n["id"] for n in wf["nodes"])
+    assert result["links"] == len(wf["links"])
+    # the frontend keeps the saved widget values
+    saved = {n["id"]: n.get("widgets_values", []) for n in wf["nodes"]}
+    for n in result["loaded"]:
+        if n["type"] not in ("PreviewAny", "LoadImage"):
+            assert n["widgets"] == saved[n["id"]], n["type"]
+    # every executable node is in the API prompt, links resolved
+    output = result["output"]
+    runnable = {str(n["id"]): n["type"] for n in wf["nodes"] if n["type"] not in ("Note", "MarkdownNote")}
+    assert {k: v["class_type"] for k, v in output.items()} == runnable
+    for node in output.values():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert value[0] in output
+    assert not errors, "\n".join(errors)
+
+
+def test_scaled_workflow_runs(browser_server):
+    """The API prompt the frontend made from ipadapter_generate_scaled.json runs to an image, with the random models
+    under the official names' places, 64x64 and 2 steps to keep it short on CPU."""
+    url, base, converted, _ = browser_server
+    prompt = converted["ipadapter_generate_scaled"]["output"]
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key, value in list(inputs.items()):
+            if isinstance(value, str) and value in STAND_INS:
+                inputs[key] = STAND_INS[value]
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            inputs.update(steps=2)
+    assert sum(isinstance(v, str) and v in STAND_INS.values() for n in prompt.values() for v in n["inputs"].values()) == 3
+    entry = _run(url, prompt)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    save = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+    images = entry["outputs"][save]["images"]
+    out = Path(base) / "output" / images[0]["subfolder"] / images[0]["filename"]
+    assert out.is_file() and Image.open(out).size == (64, 64)

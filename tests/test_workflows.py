@@ -1,0 +1,236 @@
+"""workflows/*.json against the registered node definitions, without ComfyUI.
+
+Our nodes are checked against NODE_CLASS_MAPPINGS (the pack loaded with a fake `folder_paths`); core nodes against
+tests/data/core_nodes.json, a snapshot of ComfyUI's /object_info (input/output specs only) for the core types the
+workflows use. Regenerate it from a running server when a workflow starts using another core node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_nodes_hostless import _fake_folder_paths, _load_pack
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+CORE = {k: v for k, v in json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text()).items() if not k.startswith("_")}
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Frontend-only node types (no backend class) and the widget values each serializes.
+VIRTUAL = {"Note": 1, "MarkdownNote": 1, "Reroute": 0, "PrimitiveNode": None}
+# Display widgets the frontend adds to some core nodes, serialized after the real ones (not validated).
+FRONTEND_EXTRA_WIDGETS = {"PreviewAny": 3}
+MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+# loader type -> (widget, models/ folder): every file a workflow names must be in its note, with the folder.
+MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "CLIPVisionLoader": ("clip_name", "clip_vision"),
+                 "IPAKitLoadAdapter": ("adapter_file", "ipadapter")}
+EXPECTED = {
+    "ipadapter_generate_scaled", "ipadapter_generate_fused", "ipadapter_scaled_vs_fused_diversity",
+    "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep",
+}
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    """node type -> {"input": {"required": {...}, "optional": {...}}, "output": [types]} for ours and the core snapshot."""
+    fp = _fake_folder_paths(tmp_path_factory.mktemp("wf_pack"))
+    fp.get_filename_list = lambda name: []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "folder_paths", fp)
+        pack = _load_pack("pack_workflows")
+        ours = {}
+        for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+            spec = cls.INPUT_TYPES()
+            ours[name] = {"input": {sec: {k: list(v) for k, v in spec.get(sec, {}).items()} for sec in ("required", "optional")},
+                          "output": list(cls.RETURN_TYPES)}
+    assert not set(ours) & set(CORE)
+    return {**CORE, **ours}
+
+
+def _is_widget(decl) -> bool:
+    typ, opts = decl[0], (decl[1] if len(decl) > 1 else {})
+    if opts.get("forceInput"):
+        return False
+    return isinstance(typ, list) or typ in WIDGET_TYPES
+
+
+def _check_value(node_type: str, name: str, decl, value) -> str | None:
+    typ, opts = decl[0], (decl[1] if len(decl) > 1 else {})
+    where = f"{node_type}.{name} = {value!r}"
+    if isinstance(typ, list) or typ == "COMBO":
+        options = typ if isinstance(typ, list) else opts.get("options", [])
+        if not isinstance(value, str):
+            return f"{where}: combo value is not a string"
+        is_file = opts.get("image_upload") or not options or all("." in o for o in options)
+        if is_file and value.lower().endswith(MODEL_EXTS + IMAGE_EXTS):
+            exts = IMAGE_EXTS if opts.get("image_upload") else MODEL_EXTS
+            return None if value.lower().endswith(exts) else f"{where}: not a {'/'.join(exts)} file"
+        return None if value in options else f"{where}: not one of {options}"
+    if typ == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{where}: not a boolean"
+    if typ == "STRING":
+        return None if isinstance(value, str) else f"{where}: not a string"
+    if typ in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{where}: not a number"
+        if typ == "INT" and value != int(value):
+            return f"{where}: not an integer"
+        if "min" in opts and value < opts["min"]:
+            return f"{where}: below min {opts['min']}"
+        if "max" in opts and value > opts["max"]:
+            return f"{where}: above max {opts['max']}"
+        return None
+    return f"{where}: unknown widget type {typ!r}"
+
+
+def widget_errors(node: dict, spec: dict) -> list[str]:
+    """Map widgets_values onto the widget inputs in INPUT_TYPES order (required, then optional), as the frontend does."""
+    node_type, values = node["type"], list(node.get("widgets_values") or [])
+    errors, i = [], 0
+    for section in ("required", "optional"):
+        for name, decl in spec["input"].get(section, {}).items():
+            if not _is_widget(decl):
+                continue
+            if i >= len(values):
+                return errors + [f"{node_type}: no value for widget {name!r}"]
+            if err := _check_value(node_type, name, decl, values[i]):
+                errors.append(err)
+            i += 1
+            opts = decl[1] if len(decl) > 1 else {}
+            if decl[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                if i >= len(values) or values[i] not in CONTROL_VALUES:
+                    errors.append(f"{node_type}.{name}: expected a control_after_generate value after it")
+                i += 1
+            if opts.get("image_upload"):
+                i += 1  # the upload button's value
+    i += FRONTEND_EXTRA_WIDGETS.get(node_type, 0)
+    if i != len(values):
+        errors.append(f"{node_type}: {len(values)} widget values for {i} widgets: {values}")
+    return errors
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_the_workflows_are_there_with_thumbnails():
+    assert {p.stem for p in WORKFLOWS} == EXPECTED
+    for path in WORKFLOWS:
+        thumbs = [path.with_suffix(ext) for ext in (".png", ".jpg") if path.with_suffix(ext).is_file()]
+        assert len(thumbs) == 1, f"{path.name}: one thumbnail (.png or .jpg) expected"
+        assert 10_000 < thumbs[0].stat().st_size < 150_000, thumbs[0].name
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_format(path):
+    wf = _load(path)
+    assert wf["version"] == 0.4
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
+        assert key in wf, key
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)) and max(ids) <= wf["last_node_id"]
+    link_ids = [link[0] for link in wf["links"]]
+    assert len(link_ids) == len(set(link_ids)) and max(link_ids) <= wf["last_link_id"]
+    for n in wf["nodes"]:
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "properties"):
+            assert key in n, f"node {n.get('id')}: no {key}"
+        assert n["mode"] == 0, f"node {n['id']} ({n['type']}) is muted or bypassed"
+        if n["type"] not in VIRTUAL:
+            assert n["properties"].get("Node name for S&R") == n["type"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_node_types_and_widget_values(path, specs):
+    wf, errors = _load(path), []
+    for node in wf["nodes"]:
+        t = node["type"]
+        if t in VIRTUAL:
+            want = VIRTUAL[t]
+            if want is not None and len(node.get("widgets_values") or []) != want:
+                errors.append(f"{t} {node['id']}: {want} widget values expected")
+            continue
+        if t not in specs:
+            errors.append(f"node {node['id']}: unknown type {t!r} (not ours, not in tests/data/core_nodes.json)")
+            continue
+        errors += widget_errors(node, specs[t])
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_links_connect_matching_types(path, specs):
+    wf, errors = _load(path), []
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        if src not in nodes or dst not in nodes:
+            errors.append(f"link {link_id}: node {src if src not in nodes else dst} does not exist")
+            continue
+        a, b = nodes[src], nodes[dst]
+        out, inp = a["outputs"][src_slot], b["inputs"][dst_slot]
+        if link_id not in (out.get("links") or []) or inp.get("link") != link_id:
+            errors.append(f"link {link_id}: not recorded on both ends ({a['type']} -> {b['type']})")
+        out_type = specs[a["type"]]["output"][src_slot] if a["type"] in specs else out["type"]
+        in_decl = None
+        if b["type"] in specs:
+            spec_in = specs[b["type"]]["input"]
+            in_decl = spec_in.get("required", {}).get(inp["name"]) or spec_in.get("optional", {}).get(inp["name"])
+            if in_decl is None:
+                errors.append(f"link {link_id}: {b['type']} has no input {inp['name']!r}")
+                continue
+        in_type = in_decl[0] if in_decl else inp["type"]
+        if isinstance(in_type, list):
+            in_type = "COMBO"
+        where = f"link {link_id}: {a['type']}.{out['name']} ({out_type}) -> {b['type']}.{inp['name']} ({in_type})"
+        if out["type"] != out_type or typ != out_type:
+            errors.append(f"{where}: the saved type {typ!r}/{out['type']!r} is not the output's")
+        if in_type != "*" and out_type != "*" and in_type != out_type:
+            errors.append(f"{where}: types differ")
+    # every required socket-only input is connected, so the workflow can be queued as is
+    for n in wf["nodes"]:
+        if n["type"] not in specs:
+            continue
+        connected = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        for name, decl in specs[n["type"]]["input"].get("required", {}).items():
+            if not _is_widget(decl) and name not in connected:
+                errors.append(f"{n['type']} {n['id']}: required input {name!r} is not connected")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_note_names_the_model_files_and_folders(path):
+    wf = _load(path)
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, f"{path.name}: no Note node"
+    text = "\n".join(notes)
+    files = []
+    for n in wf["nodes"]:
+        if n["type"] in MODEL_WIDGETS:
+            widget, folder = MODEL_WIDGETS[n["type"]]
+            files.append(f"models/{folder}/{n['widgets_values'][0]}")
+    assert files, f"{path.name}: loads no model file"
+    for f in files:
+        assert f in text, f"{path.name}: the note does not say {f}"
+
+
+def test_checker_catches_mistakes(specs):
+    """The checks above fail on a broken copy."""
+    wf = _load(ROOT / "workflows" / "ipadapter_generate_scaled.json")
+    ks = next(n for n in wf["nodes"] if n["type"] == "KSampler")
+    assert not widget_errors(ks, specs["KSampler"])
+    bad = dict(ks, widgets_values=[42, "fixed", 25, 6.5, "no_such_sampler", "karras", 1.0])
+    assert any("no_such_sampler" in e for e in widget_errors(bad, specs["KSampler"]))
+    bad = dict(ks, widgets_values=[42, 25, 6.5, "euler", "karras", 1.0])  # control_after_generate missing
+    assert widget_errors(bad, specs["KSampler"])
+    apply = next(n for n in wf["nodes"] if n["type"] == "IPAKitApply")
+    bad = dict(apply, widgets_values=["scaled", 9.0, 0.8, 0.0, 1.0, "all", ""])
+    assert any("above max" in e for e in widget_errors(bad, specs["IPAKitApply"]))
+    bad = dict(apply, widgets_values=["scaled", 0.8, 0.8, 0.0, "all", ""])
+    assert widget_errors(bad, specs["IPAKitApply"])
+    loader = next(n for n in wf["nodes"] if n["type"] == "IPAKitLoadAdapter")
+    assert widget_errors(dict(loader, widgets_values=["ip-adapter_sd15.txt"]), specs["IPAKitLoadAdapter"])
