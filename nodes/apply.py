@@ -15,6 +15,9 @@ _MODE_TIP = ("scaled: text attention + weight x image attention (the original IP
              "fused: the image tokens first attend to your prompt and are mixed with weight lambda, "
              "which keeps more of the text and raises diversity.")
 _WEIGHT_TIP = "Strength of the image prompt. 0 leaves the model unchanged; 0.5-0.8 keeps more of the text."
+_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5 or SDXL, matching the adapter)."})
+_ADAPTER_IN = (ADAPTER, {"tooltip": "From IPAKitLoadAdapter."})
+_CLIP_VISION_IN = ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter needs (the loader's info says which)."})
 _LAMBDA_TIP = ("Fused mode only: share of the raw image tokens (1 = same as scaled mode; lower = more prompt "
                "in the image tokens, more diversity). 0.8 is the published inference value.")
 
@@ -91,8 +94,8 @@ class IPAKitEncodeImage:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "adapter": (ADAPTER, {"tooltip": "From IPAKitLoadAdapter."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter needs (the loader's info says which)."}),
+                "adapter": _ADAPTER_IN,
+                "clip_vision": _CLIP_VISION_IN,
                 "image": ("IMAGE", {"tooltip": "Reference image. A batch means several references, combined as below."}),
                 "combine": (COMBINE, {"default": "concat", "tooltip": "Several references: concat keeps every image's tokens; average merges them into one."}),
                 "crop": (CROPS, {"default": "center", "tooltip": "How a non-square image becomes 224x224: center crop, squash, or pad to a square."}),
@@ -118,8 +121,8 @@ class IPAKitApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5 or SDXL, matching the adapter)."}),
-                "adapter": (ADAPTER, {"tooltip": "From IPAKitLoadAdapter."}),
+                "model": _MODEL_IN,
+                "adapter": _ADAPTER_IN,
                 "embeds": (EMBEDS, {"tooltip": "From IPAKitEncodeImage."}),
                 "mode": (MODES, {"default": "scaled", "tooltip": _MODE_TIP}),
                 "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": _WEIGHT_TIP}),
@@ -151,9 +154,9 @@ class IPAKitApplySimple:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5 or SDXL, matching the adapter)."}),
-                "adapter": (ADAPTER, {"tooltip": "From IPAKitLoadAdapter."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter needs (the loader's info says which)."}),
+                "model": _MODEL_IN,
+                "adapter": _ADAPTER_IN,
+                "clip_vision": _CLIP_VISION_IN,
                 "image": ("IMAGE", {"tooltip": "Reference image (a batch is concatenated)."}),
                 "weight": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": _WEIGHT_TIP}),
                 "mode": (MODES, {"default": "scaled", "tooltip": _MODE_TIP}),

@@ -172,3 +172,13 @@ def write_official(o: Official, path, container: str, seed: int = 0):
         flat = {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()}
         save_file(flat, str(path))
     return groups
+
+
+def load_into_diffusers(unet, adapter: IPAdapter, weight: float) -> None:
+    """diffusers' own IP-Adapter processors and projection on `unet`, from `adapter`'s official-layout weights."""
+    sd = adapter.state_dict()
+    groups = {g: {k[len(g) + 1 :]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+    unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
+    for p in unet.attn_processors.values():
+        if hasattr(p, "scale"):
+            p.scale = [weight]

@@ -9,7 +9,7 @@ from ipa_train.diffusers_unet import install_adapter
 from ipa_train.errors import BaseModelMismatchError
 from ipa_train.layout import known_sites, layer_multipliers
 
-from .factories import adapter_for_unet, tiny_unet, unet_inputs
+from .factories import adapter_for_unet, load_into_diffusers, tiny_unet, unet_inputs
 
 
 def _clip(projection: str, batch: int = 2, seed: int = 5) -> torch.Tensor:
@@ -19,12 +19,7 @@ def _clip(projection: str, batch: int = 2, seed: int = 5) -> torch.Tensor:
 
 def _diffusers_reference(unet, adapter, clip, weight, sample, t, text, added):
     """diffusers' own IP-Adapter processors and projection, loaded from our adapter's official-layout weights."""
-    sd = adapter.state_dict()
-    groups = {g: {k[len(g) + 1 :]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
-    unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
-    for p in unet.attn_processors.values():
-        if hasattr(p, "scale"):
-            p.scale = [weight]
+    load_into_diffusers(unet, adapter, weight)
     kwargs = dict(added or {})
     kwargs["image_embeds"] = [clip.unsqueeze(1)]  # [B, num_images=1, ...] per adapter
     return unet(sample, t, text, added_cond_kwargs=kwargs).sample

@@ -11,7 +11,7 @@ from ipa_train.comfy_patch import encode_embeds
 from ipa_train.config import AdapterConfig, ResamplerConfig
 from ipa_train.diffusers_unet import unet_layer_hidden_sizes
 
-from ..factories import random_adapter
+from ..factories import load_into_diffusers, random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,7 @@ def _eps(patcher, x, t, ctx, cond_or_uncond):
 
 
 def _diffusers_eps(unet, adapter, clip_cond, clip_uncond, x, t, ctx, weight):
-    sd = adapter.state_dict()
-    groups = {g: {k[len(g) + 1 :]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
-    unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
-    for p in unet.attn_processors.values():
-        if hasattr(p, "scale"):
-            p.scale = [weight]
+    load_into_diffusers(unet, adapter, weight)
     # rows: [cond, uncond] as in the ComfyUI call below
     embeds = torch.cat([clip_cond, clip_uncond]).unsqueeze(1)
     try:

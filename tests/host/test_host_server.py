@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +18,8 @@ from ipa_train.config import AdapterConfig
 from ipa_train.layout import known_sites
 
 from ..factories import random_adapter
-from .conftest import COMFYUI_PATH, ROOT
+from .server import get as _get
+from .server import prepare_base, running_comfyui
 
 NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitEvaluate")
 CACHE = Path(os.environ.get("IPAKIT_HOST_CACHE", Path.home() / ".cache" / "ipakit-host-models"))
@@ -65,17 +63,6 @@ def _write_models(comfy) -> dict[str, Path]:
     return {"checkpoints": ckpt, "clip_vision": cv, "ipadapter": ad}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
 def _post(url: str, body: dict):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -85,45 +72,9 @@ def _post(url: str, body: dict):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    files = _write_models(comfy)
-    for folder, path in files.items():
-        (base / "models" / folder).mkdir(parents=True)
-        (base / "models" / folder / path.name).symlink_to(path)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "ComfyUI-IPAdapter-Kit").symlink_to(ROOT, target_is_directory=True)
-    (base / "input").mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(base / "input" / "ref.png")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base)],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                break
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start in 120 s")
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+    base = prepare_base(tmp_path_factory.mktemp("comfy_base"), _write_models(comfy))
+    with running_comfyui(base) as url:
         yield url, base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_every_node_registered_with_tooltips(server):

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import COMFYUI_PATH, ROOT
-from .test_host_server import _free_port, _get, _write_models
+from .server import PACK, prepare_base, running_comfyui
+from .server import get as _get
+from .test_host_server import _write_models
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser") or ""
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PACK = "ComfyUI-IPAdapter-Kit"
 LOSSES = [1.0, 0.8, 0.6, 0.5, 0.45]
 
 EMITTER = textwrap.dedent('''
@@ -78,46 +75,10 @@ def _playwright():
 @pytest.fixture(scope="module")
 def web_server(comfy, tmp_path_factory):
     sync_playwright = _playwright()
-    base = tmp_path_factory.mktemp("comfy_web")
-    files = _write_models(comfy)
-    for folder, path in files.items():
-        (base / "models" / folder).mkdir(parents=True)
-        (base / "models" / folder / path.name).symlink_to(path)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "ipakit_test_emitter").mkdir()
-    (base / "custom_nodes" / "ipakit_test_emitter" / "__init__.py").write_text(EMITTER)
-    # No first-run dialogs over the canvas.
-    (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text(
-        '{"Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": false}')
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base)],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start in 120 s")
+    base = prepare_base(tmp_path_factory.mktemp("comfy_web"), _write_models(comfy),
+                        extra_nodes={"ipakit_test_emitter": EMITTER}, browser=True)
+    with running_comfyui(base) as url:
         yield url, base, sync_playwright
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_extensions_are_served(web_server):

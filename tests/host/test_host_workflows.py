@@ -5,18 +5,15 @@ models standing in for the official files."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import COMFYUI_PATH, ROOT
-from .test_host_server import _error, _free_port, _get, _run, _write_models
-from .test_host_web import CHROMIUM, CHROMIUM_ARGS, PACK, _playwright
+from .conftest import ROOT
+from .server import prepare_base, running_comfyui
+from .test_host_server import _error, _run, _write_models
+from .test_host_web import CHROMIUM, CHROMIUM_ARGS, _playwright
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # official file name -> the random-weight stand-in written by _write_models
@@ -39,38 +36,9 @@ LOAD_AND_CONVERT = """async (wf) => {
 @pytest.fixture(scope="module")
 def browser_server(comfy, tmp_path_factory):
     sync_playwright = _playwright()
-    base = tmp_path_factory.mktemp("comfy_workflows")
-    files = _write_models(comfy)
-    for folder, path in files.items():
-        (base / "models" / folder).mkdir(parents=True)
-        (base / "models" / folder / path.name).symlink_to(path)
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    (base / "input").mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(base / "input" / "reference.png")
-    (base / "user" / "default").mkdir(parents=True)
-    (base / "user" / "default" / "comfy.settings.json").write_text(
-        '{"Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": false}')
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base)],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start in 120 s")
+    base = prepare_base(tmp_path_factory.mktemp("comfy_workflows"), _write_models(comfy),
+                        reference_name="reference.png", browser=True)
+    with running_comfyui(base) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
@@ -85,13 +53,6 @@ def browser_server(comfy, tmp_path_factory):
             finally:
                 browser.close()
         yield url, base, converted, errors
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -1,0 +1,85 @@
+"""Start a real ComfyUI with this pack on a loopback port, in a throw-away base directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import COMFYUI_PATH, ROOT
+
+PACK = "ComfyUI-IPAdapter-Kit"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def prepare_base(base: Path, models: dict[str, Path], reference_name: str = "ref.png",
+                 extra_nodes: dict[str, str] | None = None, browser: bool = False) -> Path:
+    """models/<folder>/<file> symlinks, our pack (and test-only packs) in custom_nodes, a reference image."""
+    for folder, path in models.items():
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "models" / folder / path.name).symlink_to(path)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    for name, source in (extra_nodes or {}).items():
+        (base / "custom_nodes" / name).mkdir()
+        (base / "custom_nodes" / name / "__init__.py").write_text(source)
+    (base / "input").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(base / "input" / reference_name)
+    if browser:  # no first-run dialogs over the canvas; the classic canvas nodes our extensions draw on
+        (base / "user" / "default").mkdir(parents=True)
+        (base / "user" / "default" / "comfy.settings.json").write_text(
+            '{"Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": false}')
+    return base
+
+
+@contextlib.contextmanager
+def running_comfyui(base: Path) -> Iterator[str]:
+    """ComfyUI on CPU serving `base`; yields its URL and stops it afterwards."""
+    port = free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--base-directory", str(base)],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+            try:
+                get(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("ComfyUI did not start in 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
