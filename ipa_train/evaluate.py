@@ -345,6 +345,27 @@ class SweepResult:
         return plot_sweep(self, size)
 
 
+def parse_weights(text: str) -> list[float]:
+    """'0, 0.5, 1.0' (commas and/or spaces) -> [0.0, 0.5, 1.0]; an `EvaluationError` naming the bad item.
+
+    Duplicates are dropped (a weight is swept once); the order given is kept.
+    """
+    items = [t for t in text.replace(",", " ").split() if t]
+    if not items:
+        raise EvaluationError(f"weights {text!r}: give at least one adapter weight, e.g. '0, 0.5, 1.0, 1.5'")
+    weights: list[float] = []
+    for item in items:
+        try:
+            w = float(item)
+        except ValueError:
+            raise EvaluationError(f"weights {text!r}: {item!r} is not a number; write e.g. '0, 0.5, 1.0, 1.5'") from None
+        if not math.isfinite(w):
+            raise EvaluationError(f"weights {text!r}: {item!r} is not a finite number")
+        if w not in weights:
+            weights.append(w)
+    return weights
+
+
 class WeightSweep:
     """Scores generated images over weights x modes x seeds.
 

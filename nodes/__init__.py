@@ -2,7 +2,7 @@
 
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .common import register_folders
-from .evaluate import IPAKitEvaluate
+from .evaluate import IPAKitEvaluate, IPAKitWeightSweep
 from .loaders import IPAKitLoadAdapter
 from .train import IPAKitDataset, IPAKitTrain
 
@@ -14,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "IPAKitDataset": IPAKitDataset,
     "IPAKitTrain": IPAKitTrain,
     "IPAKitEvaluate": IPAKitEvaluate,
+    "IPAKitWeightSweep": IPAKitWeightSweep,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "IPAKitDataset": "IP-Adapter Training Dataset (Kit)",
     "IPAKitTrain": "Train IP-Adapter (Kit)",
     "IPAKitEvaluate": "Evaluate IP-Adapter Images (Kit)",
+    "IPAKitWeightSweep": "IP-Adapter Weight Sweep (Kit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]

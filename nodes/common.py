@@ -64,3 +64,11 @@ def clip_outputs_of_zero_pixels(clip_vision) -> tuple[torch.Tensor, torch.Tensor
     pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
     out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
     return out[2].float().cpu(), out[1].float().cpu()
+
+
+def pil_to_image(img) -> torch.Tensor:
+    """PIL image -> ComfyUI IMAGE [1, H, W, 3] float in 0..1."""
+    import numpy as np
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+    return torch.from_numpy(arr)[None]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-import numpy as np
 import torch
 
-from .common import ADAPTER, CATEGORY, DATASET, TRAINED_SUBDIR, logger
+from .common import ADAPTER, CATEGORY, DATASET, TRAINED_SUBDIR, logger, pil_to_image
 
 RUNS_SUBDIR = "ipadapter_kit_runs"  # checkpoints; only final adapters go to output/ipadapter_kit (listed by loaders)
 EVENT = "ipakit.training"
@@ -79,8 +78,8 @@ def _progress_text(node_id, text: str) -> None:
 def _image_tensor(path) -> torch.Tensor:
     from PIL import Image
 
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr)[None]  # [1, H, W, 3]
+    with Image.open(path) as img:
+        return pil_to_image(img)
 
 
 class IPAKitTrain:

@@ -24,6 +24,7 @@ from ipa_train.evaluate import (
     grade,
     image_list,
     image_similarity_score,
+    parse_weights,
 )
 
 
@@ -217,6 +218,18 @@ def test_sweep_rejects_bad_settings():
     sweep = WeightSweep(scorer, solid(1, 1, 1)[None], "x", weights=[1.0], modes=["scaled"], seeds=[0])
     with pytest.raises(EvaluationError, match="returned 2 images"):
         sweep.run(lambda w, m, s: torch.zeros(2, 8, 8, 3))
+
+
+def test_parse_weights():
+    assert parse_weights("0, 0.25,0.5 1.5") == [0.0, 0.25, 0.5, 1.5]
+    assert parse_weights(" 1, 1.0, 0 ") == [1.0, 0.0]  # duplicates once, order kept
+    assert parse_weights(", ".join(str(w) for w in DEFAULT_WEIGHTS)) == list(DEFAULT_WEIGHTS)
+    with pytest.raises(EvaluationError, match="'half' is not a number"):
+        parse_weights("0, half, 1")
+    with pytest.raises(EvaluationError, match="at least one"):
+        parse_weights(" , ")
+    with pytest.raises(EvaluationError, match="'nan' is not a finite"):
+        parse_weights("nan")
 
 
 def test_report_json_round_trip(tmp_path):

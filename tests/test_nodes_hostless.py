@@ -49,6 +49,18 @@ def _fake_folder_paths(tmp_path, existing=None):
     return fp
 
 
+def fake_comfy_samplers(mp: pytest.MonkeyPatch) -> None:
+    """`comfy.samplers.KSampler.SAMPLERS/SCHEDULERS` (read by IPAKitWeightSweep.INPUT_TYPES), from the core snapshot."""
+    import json
+
+    core = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())["KSampler"]["input"]["required"]
+    comfy, samplers = types.ModuleType("comfy"), types.ModuleType("comfy.samplers")
+    samplers.KSampler = type("KSampler", (), {"SAMPLERS": core["sampler_name"][0], "SCHEDULERS": core["scheduler"][0]})
+    comfy.samplers = samplers
+    mp.setitem(sys.modules, "comfy", comfy)
+    mp.setitem(sys.modules, "comfy.samplers", samplers)
+
+
 def test_folder_registered_only_when_absent(tmp_path, monkeypatch):
     fp = _fake_folder_paths(tmp_path)
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
@@ -68,6 +80,7 @@ def test_every_node_declares_tooltips_and_prefixed_ids(tmp_path, monkeypatch):
     fp = _fake_folder_paths(tmp_path)
     fp.get_filename_list = lambda name: ["a.safetensors", "notes.txt"]
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    fake_comfy_samplers(monkeypatch)
     pack = _load_pack("pack_decl")
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_nodes_hostless import _fake_folder_paths, _load_pack
+from .test_nodes_hostless import _fake_folder_paths, _load_pack, fake_comfy_samplers
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -44,6 +44,7 @@ def specs(tmp_path_factory):
     fp.get_filename_list = lambda name: []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "folder_paths", fp)
+        fake_comfy_samplers(mp)
         pack = _load_pack("pack_workflows")
         ours = {}
         for name, cls in pack.NODE_CLASS_MAPPINGS.items():

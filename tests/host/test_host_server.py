@@ -21,7 +21,8 @@ from ..factories import random_adapter
 from .server import get as _get
 from .server import prepare_base, running_comfyui
 
-NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitEvaluate")
+NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitDataset", "IPAKitTrain",
+            "IPAKitEvaluate", "IPAKitWeightSweep")
 CACHE = Path(os.environ.get("IPAKIT_HOST_CACHE", Path.home() / ".cache" / "ipakit-host-models"))
 
 
@@ -91,21 +92,29 @@ def test_every_node_registered_with_tooltips(server):
     assert "kit_sd15_vitl.safetensors" in info["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"][0]
 
 
-def test_full_prompt_writes_an_image(server):
-    url, base = server
-    prompt = {
+def _reference_prompt(crop: str) -> dict:
+    """Nodes 1-5 and 7-9 of a generation prompt: checkpoint, CLIP vision, adapter, reference, encode, prompt "a photo
+    of a cat" (7) and an empty negative (8), one 64x64 latent (9)."""
+    return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "random_sd15.safetensors"}},
         "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
         "3": {"class_type": "IPAKitLoadAdapter", "inputs": {"adapter_file": "kit_sd15_vitl.safetensors"}},
         "4": {"class_type": "LoadImage", "inputs": {"image": "ref.png"}},
         "5": {"class_type": "IPAKitEncodeImage", "inputs": {"adapter": ["3", 0], "clip_vision": ["2", 0], "image": ["4", 0],
-                                                           "combine": "concat", "crop": "pad"}},
-        "6": {"class_type": "IPAKitApply", "inputs": {"model": ["1", 0], "adapter": ["3", 0], "embeds": ["5", 0], "mode": "fused",
-                                                     "weight": 0.8, "fusion_lambda": 0.8, "start_at": 0.0, "end_at": 1.0,
-                                                     "layers": "all", "layer_weights": ""}},
+                                                           "combine": "concat", "crop": crop}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+def test_full_prompt_writes_an_image(server):
+    url, base = server
+    prompt = {
+        **_reference_prompt(crop="pad"),
+        "6": {"class_type": "IPAKitApply", "inputs": {"model": ["1", 0], "adapter": ["3", 0], "embeds": ["5", 0], "mode": "fused",
+                                                     "weight": 0.8, "fusion_lambda": 0.8, "start_at": 0.0, "end_at": 1.0,
+                                                     "layers": "all", "layer_weights": ""}},
         "10": {"class_type": "KSampler", "inputs": {"model": ["6", 0], "seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
                                                     "scheduler": "normal", "positive": ["7", 0], "negative": ["8", 0],
                                                     "latent_image": ["9", 0], "denoise": 1.0}},
@@ -264,3 +273,44 @@ def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(server):
     entry = _run(url, prompt)
     assert entry["status"]["status_str"] == "success", _error(entry)
     assert f"cancel-run: {stopped_at + 2} steps" in json.dumps(entry["outputs"]["4"])
+
+
+def test_weight_sweep_node_samples_scores_and_plots(server):
+    """IPAKitWeightSweep with a local CLIP folder: every (mode, weight, seed) is sampled, scored and plotted; at
+    weight 0 both modes are the unpatched model, so their images and scores are identical."""
+    from ipa_train.tiny import write_tiny_clip
+
+    url, base = server
+    clip_dir = write_tiny_clip(base / "tiny_clip")
+    prompt = {
+        **_reference_prompt(crop="center"),
+        "10": {"class_type": "IPAKitWeightSweep", "inputs": {
+            "model": ["1", 0], "adapter": ["3", 0], "embeds": ["5", 0], "reference": ["4", 0], "positive": ["7", 0],
+            "negative": ["8", 0], "latent_image": ["9", 0], "vae": ["1", 2], "prompt": "a photo of a cat",
+            "clip_model": str(clip_dir), "weights": "0, 1.5", "modes": "scaled and fused", "fusion_lambda": 0.5,
+            "seed": 3, "seeds_per_point": 2, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "save_as": "host-sweep"}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "ipakit_sweep_plot"}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["10", 1], "filename_prefix": "ipakit_sweep"}},
+    }
+    entry = _run(url, prompt)
+    assert entry["status"]["status_str"] == "success", _error(entry)
+    plot = entry["outputs"]["11"]["images"]
+    assert len(plot) == 1 and Image.open(base / "output" / plot[0]["subfolder"] / plot[0]["filename"]).size == (900, 380)
+    files = [base / "output" / i["subfolder"] / i["filename"] for i in entry["outputs"]["12"]["images"]]
+    assert len(files) == 8  # modes x weights x seeds, in that order
+    pixels = [np.asarray(Image.open(f)) for f in files]
+    assert np.array_equal(pixels[0], pixels[4]) and np.array_equal(pixels[1], pixels[5])  # weight 0: scaled == fused
+    assert not np.array_equal(pixels[0], pixels[1])  # two seeds
+    assert not np.array_equal(pixels[0], pixels[2])  # weight 1.5 changes the image
+
+    report = json.loads((base / "output" / "ipadapter_kit" / "evaluations" / "host-sweep.json").read_text())
+    sweep = report["sweep"]
+    assert sweep["weights"] == [0.0, 1.5] and sweep["modes"] == ["scaled", "fused"] and sweep["seeds"] == [3, 4]
+    points = {(p["mode"], p["weight"]): p for p in sweep["points"]}
+    assert set(points) == {("scaled", 0.0), ("scaled", 1.5), ("fused", 0.0), ("fused", 1.5)}
+    zero_s, zero_f = points[("scaled", 0.0)], points[("fused", 0.0)]
+    assert zero_s == {**zero_f, "mode": "scaled"}
+    for p in points.values():
+        assert 0 <= p["preservation"] <= 100 and 0 <= p["prompt_following"] <= 100 and p["diversity"] is not None
+    assert report["inputs"]["clip_vision"] is False and report["inputs"]["steps"] == 2

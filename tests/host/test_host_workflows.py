@@ -1,6 +1,6 @@
 """workflows/*.json in the real frontend (headless Chromium on a running ComfyUI with this pack): each loads with no
-missing node types and converts to an API prompt; the scaled-generation workflow then runs, with the random-weight
-models standing in for the official files."""
+missing node types and converts to an API prompt, which then runs with random-weight models standing in for the
+official files."""
 
 from __future__ import annotations
 
@@ -79,24 +79,52 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
     assert not errors, "\n".join(errors)
 
 
-def test_scaled_workflow_runs(browser_server):
-    """The API prompt the frontend made from ipadapter_generate_scaled.json runs to an image, with the random models
-    under the official names' places, 64x64 and 2 steps to keep it short on CPU."""
-    url, base, converted, _ = browser_server
-    prompt = converted["ipadapter_generate_scaled"]["output"]
+def _shrink(prompt: dict, base: Path) -> dict:
+    """The frontend's API prompt with the random models under the official names' places, a tiny offline CLIP for
+    evaluation, a 3-image dataset, 64x64 latents and 2 sampling/training steps, to keep it short on CPU."""
+    from ipa_train.tiny import write_tiny_clip
+
+    clip_dir = base / "tiny_clip"
+    if not clip_dir.exists():
+        write_tiny_clip(clip_dir)
+    dataset = base / "input" / "wf_dataset"
+    if not dataset.exists():
+        dataset.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (72, 64), (40 * i, 200 - 50 * i, 90)).save(dataset / f"{i}.png")
+            (dataset / f"{i}.txt").write_text(f"a flat colour number {i}")
     for node in prompt.values():
-        inputs = node["inputs"]
+        inputs, kind = node["inputs"], node["class_type"]
         for key, value in list(inputs.items()):
             if isinstance(value, str) and value in STAND_INS:
                 inputs[key] = STAND_INS[value]
-        if node["class_type"] == "EmptyLatentImage":
+        if kind == "EmptyLatentImage":
             inputs.update(width=64, height=64)
-        if node["class_type"] == "KSampler":
+        elif kind == "KSampler":
             inputs.update(steps=2)
-    assert sum(isinstance(v, str) and v in STAND_INS.values() for n in prompt.values() for v in n["inputs"].values()) == 3
+        elif kind in ("IPAKitEvaluate", "IPAKitWeightSweep") and inputs.get("clip_model"):
+            inputs["clip_model"] = str(clip_dir)
+        if kind == "IPAKitWeightSweep":
+            inputs.update(steps=2, weights="0, 1")
+        elif kind == "IPAKitDataset":
+            inputs["path"] = str(dataset)
+        elif kind == "IPAKitTrain":
+            inputs.update(steps=2, resolution=64, validate_every=0, save_every=0)
+    return prompt
+
+
+@pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS])
+def test_workflow_runs(browser_server, name):
+    """Every workflow, as the API prompt the frontend made from it, runs with the stand-in models, and each of its
+    output nodes produced something."""
+    url, base, converted, _ = browser_server
+    prompt = _shrink(converted[name]["output"], Path(base))
+    wf_files = [v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str) and v in STAND_INS.values()]
+    assert wf_files, "the workflow names none of the official model files"
     entry = _run(url, prompt)
     assert entry["status"]["status_str"] == "success", _error(entry)
-    save = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
-    images = entry["outputs"][save]["images"]
-    out = Path(base) / "output" / images[0]["subfolder"] / images[0]["filename"]
-    assert out.is_file() and Image.open(out).size == (64, 64)
+    outputs = [k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage", "PreviewAny")]
+    assert outputs and all(entry["outputs"].get(k) for k in outputs), sorted(entry["outputs"])
+    for k in outputs:
+        for image in entry["outputs"][k].get("images", []):
+            assert (Path(base) / image["type"] / image["subfolder"] / image["filename"]).is_file()
