@@ -92,6 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_dict(vars(args))
     accelerator = _accelerator(config)
+    if accelerator is not None and not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one progress log: the main process's
     device = accelerator.device if accelerator is not None else None
     encoder_dtype = _encoder_dtype(config, device)
     backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
