@@ -141,6 +141,16 @@ def test_loss_curve_and_adapter_info_in_browser(web_server, tmp_path):
                           lines: loader.ipakitInfoLines, attached: !!emitter.ipakitLossAttached,
                           emitterSize: [...emitter.size], loaderSize: [...loader.size] }};
             }}""")
+            # Saved with the workflow: a reload shows the info again, until another file is picked.
+            reloaded = page.evaluate(f"""async () => {{
+                const app = window.comfyAPI.app.app;
+                const saved = JSON.parse(JSON.stringify(app.graph.serialize()));
+                await app.loadGraphData(saved, true, true, "reloaded");
+                const loader = app.graph.getNodeById({ids['loader']});
+                const before = loader.ipakitVisibleInfoLines();
+                loader.widgets.find((w) => w.name === "adapter_file").value = "another.safetensors";
+                return {{ before, after: loader.ipakitVisibleInfoLines(), file: loader.properties.ipakit_info.file }};
+            }}""")
         finally:
             browser.close()
 
@@ -155,6 +165,8 @@ def test_loss_curve_and_adapter_info_in_browser(web_server, tmp_path):
     assert info["file"] == "kit_sd15_vitl.safetensors" and info["encoder"] == "ViT-L/14" and info["family"] == "sd15"
     assert state["lines"][0].startswith(f"{info['variant']} · sd15 · ViT-L/14 · {info['num_tokens']} tokens · fusion: ")
     assert shot.stat().st_size > 10_000
+    assert reloaded["before"] == state["lines"] and reloaded["file"] == "kit_sd15_vitl.safetensors"
+    assert reloaded["after"] is None
 
 
 BUILD_TRAIN = """async ([ckpt, clipVision, dataset]) => {

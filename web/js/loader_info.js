@@ -1,5 +1,7 @@
 // IPAKitLoadAdapter: show what the loaded adapter is and which CLIP vision encoder it needs.
-// The node returns {"ui": {"ipakit_info": [info]}}; the frontend hands that to onExecuted.
+// The node returns {"ui": {"ipakit_info": [info]}}; the frontend hands that to onExecuted. The info is kept in the
+// node's properties, so it is saved with the workflow and shown again after a reload, and it is drawn only while
+// the file widget still names the file it describes.
 import { app } from "../../../scripts/app.js";
 import { contentBottom, ipakit } from "./common.js";
 
@@ -22,11 +24,9 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
 
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      const info = message?.ipakit_info?.[0];
-      if (!info) return;
+    nodeType.prototype.ipakitShowInfo = function (info) {
+      this.properties ??= {};
+      this.properties.ipakit_info = info;
       ipakit.loaderInfo[this.id] = info;
       this.ipakitInfoLines = infoLines(info);
       const min = this.computeSize();
@@ -35,16 +35,38 @@ app.registerExtension({
       app.graph.setDirtyCanvas(true, false);
     };
 
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const info = message?.ipakit_info?.[0];
+      if (info) this.ipakitShowInfo(info);
+    };
+
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      onConfigure?.apply(this, arguments);
+      const info = this.properties?.ipakit_info;
+      if (info) this.ipakitInfoLines = infoLines(info);
+    };
+
+    // The lines to draw: none while collapsed, or when another file was chosen since (the info is stale).
+    nodeType.prototype.ipakitVisibleInfoLines = function () {
+      if (!this.ipakitInfoLines || this.flags?.collapsed) return null;
+      const file = this.widgets?.find((w) => w.name === "adapter_file")?.value;
+      return file === this.properties?.ipakit_info?.file ? this.ipakitInfoLines : null;
+    };
+
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       onDrawForeground?.apply(this, arguments);
-      if (!this.ipakitInfoLines || this.flags?.collapsed) return;
+      const lines = this.ipakitVisibleInfoLines();
+      if (!lines) return;
       const top = contentBottom(this) + 6;
       ctx.save();
       ctx.font = "12px sans-serif";
       ctx.textBaseline = "top";
       ctx.fillStyle = "#9cf";
-      this.ipakitInfoLines.forEach((line, i) => ctx.fillText(line, 10, top + i * LINE_HEIGHT, this.size[0] - 20));
+      lines.forEach((line, i) => ctx.fillText(line, 10, top + i * LINE_HEIGHT, this.size[0] - 20));
       ctx.restore();
     };
   },
