@@ -117,8 +117,9 @@ def sweep_generator(model, adapter, embeds, positive, negative, latent, vae, *, 
                     sampler_name: str, scheduler: str, fusion_lambda: float, on_step=None):
     """`generate(weight, mode, seed)` for ipa_train's WeightSweep: apply, sample and decode one image with ComfyUI.
 
-    Every call patches a clone of `model` (IPAKitApply), samples the first latent of `latent` with `seed`, and
-    decodes it: IMAGE [1, H, W, 3]. `on_step(step)` is called after each sampling step (progress bar).
+    Each (weight, mode) patches a clone of `model` once (IPAKitApply: the image K/V are projected there); each call
+    samples the first latent of `latent` with `seed` and decodes it: IMAGE [1, H, W, 3]. `on_step(step)` is called
+    after each sampling step (progress bar).
     """
     import comfy.sample
 
@@ -131,8 +132,13 @@ def sweep_generator(model, adapter, embeds, positive, negative, latent, vae, *, 
         if on_step is not None:
             on_step(step + 1)
 
+    last: dict = {}  # (weight, mode) -> patched model: the sweep runs every seed of a point in a row
+
     def generate(weight: float, mode: str, seed: int):
-        patched = apply(model, adapter, embeds, mode, weight, fusion_lambda)
+        if (weight, mode) not in last:
+            last.clear()
+            last[(weight, mode)] = apply(model, adapter, embeds, mode, weight, fusion_lambda)
+        patched = last[(weight, mode)]
         noise = comfy.sample.prepare_noise(base, seed, None)
         samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, base,
                                       denoise=1.0, noise_mask=None if mask is None else mask[:1], callback=callback,

@@ -53,6 +53,16 @@ def prepare_base(base: Path, models: dict[str, Path], reference_name: str = "ref
     return base
 
 
+def write_dataset(folder: Path, count: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    """A new folder of `count` random RGB images (`size` = width, height) with same-name .txt captions."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a random picture number {i}")
+    return folder
+
+
 @contextlib.contextmanager
 def running_comfyui(base: Path) -> Iterator[str]:
     """ComfyUI on CPU serving `base`; yields its URL and stops it afterwards."""

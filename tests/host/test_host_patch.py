@@ -98,13 +98,19 @@ def test_comfyui_patched_matches_diffusers(models, kit, projection):
     assert "patches_replace" not in patcher.model_options["transformer_options"]
 
 
+def _plain_case(unet, seed: int):
+    """A plain adapter for `unet`, its embeds of a random CLIP embedding, and model inputs: latents x [2, 4, 16, 16],
+    text context [2, 77, 768], timesteps [2]."""
+    adapter = _adapter(unet, "plain")
+    embeds = encode_embeds(adapter, torch.randn(1, 1024), torch.zeros(1, 1024))
+    g = torch.Generator().manual_seed(seed)
+    return adapter, embeds, (torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([300, 300]))
+
+
 def test_weight_zero_equals_unpatched_exactly(models, kit):
     apply_mod = importlib.import_module(kit.__name__ + ".nodes.apply")
     unet, patcher = models
-    adapter = _adapter(unet, "plain")
-    embeds = encode_embeds(adapter, torch.randn(1, 1024), torch.zeros(1, 1024))
-    g = torch.Generator().manual_seed(3)
-    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([300, 300])
+    adapter, embeds, (x, ctx, t) = _plain_case(unet, seed=3)
     base = _eps(patcher, x, t, ctx, [1, 0])
     for mode in ("scaled", "fused"):
         zero = _eps(apply_mod.apply(patcher, adapter, embeds, mode, 0.0, 0.5), x, t, ctx, [1, 0])
@@ -117,10 +123,7 @@ def test_weight_zero_equals_unpatched_exactly(models, kit):
 def test_fused_mode_and_chaining_run(models, kit):
     apply_mod = importlib.import_module(kit.__name__ + ".nodes.apply")
     unet, patcher = models
-    adapter = _adapter(unet, "plain")
-    embeds = encode_embeds(adapter, torch.randn(1, 1024), torch.zeros(1, 1024))
-    g = torch.Generator().manual_seed(4)
-    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([300, 300])
+    adapter, embeds, (x, ctx, t) = _plain_case(unet, seed=4)
     scaled = _eps(apply_mod.apply(patcher, adapter, embeds, "scaled", 0.8), x, t, ctx, [0, 1])
     fused1 = _eps(apply_mod.apply(patcher, adapter, embeds, "fused", 0.8, 1.0), x, t, ctx, [0, 1])
     fused = _eps(apply_mod.apply(patcher, adapter, embeds, "fused", 0.8, 0.5), x, t, ctx, [0, 1])

@@ -19,7 +19,7 @@ from ipa_train.layout import known_sites
 
 from ..factories import random_adapter
 from .server import get as _get
-from .server import prepare_base, running_comfyui
+from .server import prepare_base, running_comfyui, write_dataset
 
 NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitDataset", "IPAKitTrain",
             "IPAKitEvaluate", "IPAKitWeightSweep")
@@ -209,12 +209,7 @@ def test_train_node_then_apply_in_one_prompt_and_resume(server):
     """IPAKitTrain trains a few steps on the SD1.5-architecture checkpoint; its adapter drives the apply node in the
     same prompt; queueing again with the same name and more steps resumes from the last checkpoint."""
     url, base = server
-    ds = base / "input" / "train_ds"
-    ds.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(ds / f"img{i}.png")
-        (ds / f"img{i}.txt").write_text(f"a random picture number {i}")
+    ds = write_dataset(base / "input" / "train_ds", 3, size=(72, 80), seed=1)
     (ds / "broken.png").write_bytes(b"not an image")
     prompt = json.loads(json.dumps(_train_prompt(3)).replace("__DATASET__", str(ds)))
     prompt["4"]["inputs"].update(validate_every=3, validation_prompt="a cat", validation_image=["5", 0])
@@ -241,12 +236,7 @@ def test_train_node_then_apply_in_one_prompt_and_resume(server):
 
 def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(server):
     url, base = server
-    ds = base / "input" / "cancel_ds"
-    ds.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ds / f"c{i}.png")
-        (ds / f"c{i}.txt").write_text(f"picture {i}")
+    ds = write_dataset(base / "input" / "cancel_ds", 2, seed=2)
     prompt = json.loads(json.dumps(_train_prompt(400)).replace("__DATASET__", str(ds)).replace("host-run", "cancel-run"))
     prompt["4"]["inputs"]["save_every"] = 0
     for key in ("5", "6", "7", "8", "9", "10", "11", "12"):

@@ -13,11 +13,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from .server import PACK, prepare_base, running_comfyui
+from .server import PACK, prepare_base, running_comfyui, write_dataset
 from .server import get as _get
 from .test_host_server import _write_models
 
@@ -192,11 +190,7 @@ BUILD_TRAIN = """async ([ckpt, clipVision, dataset]) => {
 def test_real_training_node_draws_its_loss(web_server):
     """The real IPAKitTrain node pushes its loss to the page while it trains, and the curve is attached to it."""
     url, base, sync_playwright = web_server
-    ds = base / "input" / "web_ds"
-    ds.mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ds / f"w{i}.png")
-        (ds / f"w{i}.txt").write_text(f"image {i}")
+    ds = write_dataset(base / "input" / "web_ds", 2)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

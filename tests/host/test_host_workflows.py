@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from .conftest import ROOT
-from .server import prepare_base, running_comfyui
+from .server import prepare_base, running_comfyui, write_dataset
 from .test_host_server import _error, _run, _write_models
 from .test_host_web import CHROMIUM, CHROMIUM_ARGS, _playwright
 
@@ -89,10 +88,7 @@ def _shrink(prompt: dict, base: Path) -> dict:
         write_tiny_clip(clip_dir)
     dataset = base / "input" / "wf_dataset"
     if not dataset.exists():
-        dataset.mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (72, 64), (40 * i, 200 - 50 * i, 90)).save(dataset / f"{i}.png")
-            (dataset / f"{i}.txt").write_text(f"a flat colour number {i}")
+        write_dataset(dataset, 3, size=(72, 64))
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         for key, value in list(inputs.items()):
