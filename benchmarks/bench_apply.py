@@ -59,10 +59,10 @@ def main() -> None:
     comfy, apply_mod = boot_comfy()
     from diffusers import UNet2DConditionModel
 
-    from ipa_train.comfy_patch import encode_embeds
-    from ipa_train.config import AdapterConfig, ResamplerConfig
-    from ipa_train.diffusers_unet import unet_layer_hidden_sizes
-    from ipa_train.modules import IPAdapter
+    from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
+    from ipa_train.adapter.modules import IPAdapter
+    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.diffusers_unet import unet_layer_hidden_sizes
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()

@@ -74,13 +74,13 @@ def vit_h_image_encoder():
 def tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from ipa_train.tiny import write_tokenizer
+    from ipa_train.toy.tiny import write_tokenizer
 
     return CLIPTokenizer.from_pretrained(str(write_tokenizer(folder, max_length=77)))
 
 
 def scheduler():
-    from ipa_train.tiny import tiny_scheduler
+    from ipa_train.toy.tiny import tiny_scheduler
 
     return tiny_scheduler("epsilon")
 
@@ -108,9 +108,9 @@ def peak_rss_gb() -> float:
 def run_ours(variant: str, steps: int, warmup: int, resolution: int) -> dict:
     import torch
 
-    from ipa_train.backbone_diffusers import DiffusersBackbone
-    from ipa_train.data import load_dataset
-    from ipa_train.train import TrainConfig, train
+    from ipa_train.hosts.backbone_diffusers import DiffusersBackbone
+    from ipa_train.training.data import load_dataset
+    from ipa_train.training.train import TrainConfig, train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ours_"))
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def run_reference(variant: str, steps: int, warmup: int, resolution: int, repo: 
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from ipa_train.data import target_pixels
+    from ipa_train.training.data import target_pixels
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ref_"))
     torch.manual_seed(0)

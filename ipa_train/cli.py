@@ -34,7 +34,7 @@ def _out(text: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats import inspect_file
+    from .adapter.formats import inspect_file
 
     info = inspect_file(args.file)
     if args.json:
@@ -52,7 +52,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .formats import convert_checkpoint
+    from .adapter.formats import convert_checkpoint
 
     cfg = convert_checkpoint(args.src, args.dst)
     _out(f"wrote {args.dst}: {cfg.variant} adapter, {cfg.cross_attention_layers} layers, encoder {cfg.encoder}")
@@ -65,7 +65,7 @@ _FLAG_ALIASES = {"output_dir": ["--output"], "gradient_accumulation": ["--gradie
 
 def add_train_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field, with the field's help, type, choices and default."""
-    from .train import TrainConfig
+    from .training.train import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -86,9 +86,9 @@ def add_train_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .backbone_diffusers import DiffusersBackbone
-    from .data import load_dataset
-    from .train import TrainConfig, train
+    from .hosts.backbone_diffusers import DiffusersBackbone
+    from .training.data import load_dataset
+    from .training.train import TrainConfig, train
 
     config = TrainConfig.from_dict(vars(args))
     accelerator = _accelerator(config)
@@ -164,12 +164,12 @@ def _sweep_generator(args: argparse.Namespace, reference):
     import tempfile
     from pathlib import Path
 
-    from .backbone_diffusers import DiffusersBackbone
-    from .evaluate import backbone_generator
-    from .formats import load_adapter
+    from .adapter.formats import load_adapter
+    from .evaluation.evaluate import backbone_generator
+    from .hosts.backbone_diffusers import DiffusersBackbone
 
     if args.tiny:
-        from .tiny import tiny_adapter, tiny_components
+        from .toy.tiny import tiny_adapter, tiny_components
 
         logger.warning("--tiny: the backbone is a tiny RANDOM model; this checks the pipeline, not an adapter")
         with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +188,8 @@ def _sweep_generator(args: argparse.Namespace, reference):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import EvalReport, Scorer, WeightSweep, load_image
-    from .formats import atomic_write
+    from .adapter.formats import atomic_write
+    from .evaluation.evaluate import EvalReport, Scorer, WeightSweep, load_image
 
     if args.sweep == bool(args.images):
         raise IPAKitError("evaluate: give either --images IMG... (score those) or --sweep (generate and score)")
@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         import tempfile
 
-        from .tiny import write_tiny_clip
+        from .toy.tiny import write_tiny_clip
 
         with tempfile.TemporaryDirectory() as tmp:
             scorer = Scorer.from_pretrained(write_tiny_clip(tmp))

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import clip_pixels, load_dataset
-from .formats import atomic_write
+from .adapter.formats import atomic_write
 from .plot import plot_losses
-from .train import TrainConfig, train
+from .training.data import clip_pixels, load_dataset
+from .training.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int = 120, seed: int
         steps: training steps (each a batch of 2 at 64 px).
         sample_steps: DDIM steps per sample.
     """
-    from .backbone_diffusers import DiffusersBackbone, generate
-    from .tiny import tiny_components
+    from .hosts.backbone_diffusers import DiffusersBackbone, generate
+    from .toy.tiny import tiny_components
 
     started = time.perf_counter()
     out = Path(output_dir)

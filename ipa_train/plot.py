@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .formats import atomic_write
+from .adapter.formats import atomic_write
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -25,7 +25,7 @@ _LAMBDA_TIP = ("Fused mode only: share of the raw image tokens (1 = same as scal
 def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", crop: str = "center",
            image_negative: torch.Tensor | None = None):
     """CLIP vision + projection -> ImageEmbeds (cond and uncond tokens)."""
-    from ipa_train.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy_patch import encode_embeds
 
     cfg = adapter.config
     embeds, hidden = clip_outputs(clip_vision, image, crop)
@@ -47,14 +47,14 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     """Clone `model` and patch every cross-attention layer with `adapter`'s image attention."""
     from comfy.patcher_extension import WrappersMP
 
-    from ipa_train.comfy_patch import AdapterApplication, FusionWrapper, chain_patches
-    from ipa_train.layout import (
+    from ipa_train.adapter.layout import (
         check_fit,
         context_dim_of_blocks,
         groups_from_blocks,
         layer_multipliers,
         sites_from_groups,
     )
+    from ipa_train.hosts.comfy_patch import AdapterApplication, FusionWrapper, chain_patches
 
     unet = model.get_model_object("diffusion_model")
     blocks = (unet.input_blocks, unet.middle_block, unet.output_blocks)

@@ -47,7 +47,7 @@ def host_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra
 
 def clip_outputs(clip_vision, image: torch.Tensor, crop: str) -> tuple[torch.Tensor, torch.Tensor]:
     """IMAGE [N, H, W, 3] -> (image_embeds [N, P], penultimate hidden states [N, L, D]) with ComfyUI's CLIP vision."""
-    from ipa_train.imageprep import pad_to_square
+    from ipa_train.adapter.imageprep import pad_to_square
 
     if crop == "pad":
         image = pad_to_square(image, getattr(clip_vision, "image_mean", None))

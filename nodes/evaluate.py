@@ -1,4 +1,4 @@
-"""IPAKitEvaluate (score images) and IPAKitWeightSweep (sample, score and plot a weight sweep); math in ipa_train.evaluate."""
+"""IPAKitEvaluate (score images) and IPAKitWeightSweep (sample, score and plot a weight sweep); math in ipa_train.evaluation.evaluate."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _device():
 
 def _scorer(clip_model: str, clip_vision=None):
     """-> (Scorer, notes): the transformers CLIP for text (and images when no CLIP vision model is connected)."""
-    from ipa_train.evaluate import CLIPEmbedder, FunctionImageEmbedder, Scorer
+    from ipa_train.evaluation.evaluate import CLIPEmbedder, FunctionImageEmbedder, Scorer
 
     clip_model = clip_model.strip()
     text_model = CLIPEmbedder.from_pretrained(clip_model, _device()) if clip_model else None
@@ -40,7 +40,7 @@ def _scorer(clip_model: str, clip_vision=None):
 
 def evaluate(images, reference, prompt: str, clip_model: str = "", clip_vision=None):
     """-> EvalReport for ComfyUI IMAGE batches [N, H, W, 3]."""
-    from ipa_train.evaluate import EvalReport
+    from ipa_train.evaluation.evaluate import EvalReport
 
     scorer, notes = _scorer(clip_model, clip_vision)
     scores = scorer.score(images, reference, prompt.strip() or None)
@@ -202,7 +202,7 @@ class IPAKitWeightSweep:
         import torch
 
         from ipa_train.errors import EvaluationError
-        from ipa_train.evaluate import EvalReport, WeightSweep, parse_weights
+        from ipa_train.evaluation.evaluate import EvalReport, WeightSweep, parse_weights
 
         if modes not in _SWEEP_MODES:
             raise EvaluationError(f"modes {modes!r}: use one of {list(_SWEEP_MODES)}")

@@ -37,7 +37,7 @@ class IPAKitLoadAdapter:
     def load(self, adapter_file: str):
         import folder_paths
 
-        from ipa_train.formats import build_adapter, detect_config, read_adapter_state
+        from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
 
         path = folder_paths.get_full_path_or_raise("ipadapter", adapter_file)
         state = read_adapter_state(path)

@@ -46,7 +46,7 @@ class IPAKitDataset:
         return f"{latest}:{captions_json}"
 
     def run(self, path, captions_json=""):
-        from ipa_train.data import load_dataset
+        from ipa_train.training.data import load_dataset
 
         ds = load_dataset(path, captions_json or None, resolution=64)
         info = ds.describe()
@@ -135,10 +135,10 @@ class IPAKitTrain:
         import comfy.utils
         import folder_paths
 
-        from ipa_train.data import load_dataset
-        from ipa_train.formats import save_adapter
+        from ipa_train.adapter.formats import save_adapter
         from ipa_train.plot import plot_losses
-        from ipa_train.train import CHECKPOINTS_DIR, TrainConfig, train
+        from ipa_train.training.data import load_dataset
+        from ipa_train.training.train import CHECKPOINTS_DIR, TrainConfig, train
 
         from .train_backbone import ComfyBackbone
 

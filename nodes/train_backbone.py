@@ -1,6 +1,6 @@
 """The training backbone over the models a ComfyUI user already loaded (MODEL, CLIP, VAE, CLIP_VISION).
 
-Implements `ipa_train.train.Backbone` by translating to ComfyUI calls; no second copy of the model is made.
+Implements `ipa_train.training.train.Backbone` by translating to ComfyUI calls; no second copy of the model is made.
 The UNet runs with this pack's own attn2 patch, and gradients reach the adapter through it: each `predict`
 computes the image K/V of every layer from the (trainable) image tokens and hands them to the patch for
 that call only.
@@ -30,7 +30,7 @@ class ComfyBackbone:
         import comfy.model_base
         import comfy.model_management as mm
 
-        from ipa_train.layout import context_dim_of_blocks, groups_from_blocks, sites_from_groups
+        from ipa_train.adapter.layout import context_dim_of_blocks, groups_from_blocks, sites_from_groups
 
         self.mm = mm
         self.base = model
@@ -74,7 +74,7 @@ class ComfyBackbone:
         return latent, torch.zeros_like(latent)  # ComfyUI's VAE returns the distribution's mode
 
     def encode_text(self, captions: list[str]):
-        from ipa_train.train import TextCondition
+        from ipa_train.training.train import TextCondition
 
         rows = []
         with torch.no_grad():
@@ -132,7 +132,7 @@ class ComfyBackbone:
         return out
 
     def attach(self, adapter) -> None:
-        from ipa_train.comfy_patch import AdapterApplication, ImageEmbeds, chain_patches
+        from ipa_train.hosts.comfy_patch import AdapterApplication, ImageEmbeds, chain_patches
 
         self.adapter = adapter
         zeros = torch.zeros(1, 1, adapter.config.cross_attention_dim)
@@ -147,7 +147,7 @@ class ComfyBackbone:
         m.model.requires_grad_(False)
 
     def predict(self, noisy, timesteps, text, ip_tokens):
-        from ipa_train.comfy_patch import CALL_KV_KEY
+        from ipa_train.hosts.comfy_patch import CALL_KV_KEY
 
         m = self.patched
         dtype = m.model.get_dtype()

@@ -15,7 +15,7 @@ def _quiet_diffusers():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """(base model folder, image encoder folder) of a tiny random SD backbone saved with save_pretrained."""
-    from ipa_train.tiny import write_tiny_models
+    from ipa_train.toy.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 
@@ -23,6 +23,6 @@ def tiny_model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A folder with a tiny random full CLIPModel and its offline tokenizer."""
-    from ipa_train.tiny import write_tiny_clip
+    from ipa_train.toy.tiny import write_tiny_clip
 
     return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

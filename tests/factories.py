@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ipa_train.config import AdapterConfig, ResamplerConfig
-from ipa_train.layout import known_sites
-from ipa_train.modules import IPAdapter
+from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
+from ipa_train.adapter.layout import known_sites
+from ipa_train.adapter.modules import IPAdapter
 
 # --------------------------------------------------------------------------------------------------------
 # diffusers UNets
@@ -68,7 +68,7 @@ def unet_inputs(unet, batch: int = 2, seed: int = 1, text_len: int = 7):
 
 
 def adapter_for_unet(unet, projection: str = "plain", clip_dim: int = 20, tokens: int = 4, fusion: bool = False, seed: int = 0):
-    from ipa_train.diffusers_unet import unet_layer_hidden_sizes
+    from ipa_train.hosts.diffusers_unet import unet_layer_hidden_sizes
 
     c = unet.config.cross_attention_dim
     cfg = AdapterConfig(

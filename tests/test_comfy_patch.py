@@ -7,8 +7,11 @@ import copy
 import pytest
 import torch
 
-from ipa_train.attention import mask_for_layer
-from ipa_train.comfy_patch import (
+from ipa_train.adapter.attention import mask_for_layer
+from ipa_train.adapter.config import AdapterConfig
+from ipa_train.adapter.layout import known_sites
+from ipa_train.adapter.modules import multihead_attention
+from ipa_train.hosts.comfy_patch import (
     CALL_KV_KEY,
     AdapterApplication,
     Attn2Replace,
@@ -16,9 +19,6 @@ from ipa_train.comfy_patch import (
     chain_patches,
     encode_embeds,
 )
-from ipa_train.config import AdapterConfig
-from ipa_train.layout import known_sites
-from ipa_train.modules import multihead_attention
 
 from .factories import random_adapter
 from .test_modules import naive_attention

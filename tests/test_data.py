@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ipa_train import DatasetError
-from ipa_train.data import clip_pixels, load_dataset, target_pixels
+from ipa_train.training.data import clip_pixels, load_dataset, target_pixels
 
 
 def _image(path, size=(40, 30), seed=0):
@@ -25,7 +25,7 @@ def test_folder_with_captions_skips_bad_files_with_one_warning(tmp_path, caplog)
     _image(tmp_path / "b.jpg", seed=1)  # no caption -> ""
     (tmp_path / "notes.csv").write_text("x,y\n")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with caplog.at_level(logging.WARNING, logger="ipa_train.data"):
+    with caplog.at_level(logging.WARNING, logger="ipa_train.training.data"):
         ds = load_dataset(tmp_path, resolution=16)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ipa_train.errors import EvaluationError
-from ipa_train.evaluate import (
+from ipa_train.evaluation.evaluate import (
     CLIPSCORE_WEIGHT,
     DEFAULT_WEIGHTS,
     CLIPEmbedder,

@@ -12,10 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ipa_train import AdapterFormatError, inspect_file, load_adapter, save_adapter
-from ipa_train.config import CONFIG_METADATA_KEY
-from ipa_train.diffusers_unet import cross_attention_names
-from ipa_train.formats import read_adapter_state
-from ipa_train.modules import IPAdapter
+from ipa_train.adapter.config import CONFIG_METADATA_KEY
+from ipa_train.adapter.formats import read_adapter_state
+from ipa_train.adapter.modules import IPAdapter
+from ipa_train.hosts.diffusers_unet import cross_attention_names
 
 from .factories import OFFICIAL, Official, adapter_for_unet, official_config, random_adapter, tiny_unet, write_official
 

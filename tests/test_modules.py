@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from ipa_train.attention import add_image_attention, decoupled_attention, mask_for_layer, token_grid
+from ipa_train.adapter.attention import add_image_attention, decoupled_attention, mask_for_layer, token_grid
+from ipa_train.adapter.layout import known_sites, layer_multipliers, parse_layer_weights
+from ipa_train.adapter.modules import TextImageFusion
 from ipa_train.errors import EncoderMismatchError, IPAKitError
-from ipa_train.layout import known_sites, layer_multipliers, parse_layer_weights
-from ipa_train.modules import TextImageFusion
 
 from .factories import OFFICIAL, official_config, random_adapter
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ipa_train.diffusers_unet import install_adapter
+from ipa_train.adapter.layout import known_sites, layer_multipliers
 from ipa_train.errors import BaseModelMismatchError
-from ipa_train.layout import known_sites, layer_multipliers
+from ipa_train.hosts.diffusers_unet import install_adapter
 
 from .factories import adapter_for_unet, load_into_diffusers, tiny_unet, unet_inputs
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from ipa_train import load_adapter
-from ipa_train.backbone_diffusers import DiffusersBackbone
-from ipa_train.data import load_dataset
 from ipa_train.errors import TrainConfigError
-from ipa_train.train import (
+from ipa_train.hosts.backbone_diffusers import DiffusersBackbone
+from ipa_train.training.data import load_dataset
+from ipa_train.training.train import (
     STATE_JSON_FILE,
     Conditioning,
     Engine,
@@ -151,7 +151,7 @@ def test_interrupt_inside_a_step_rolls_back_and_resumes_to_the_same_result(tmp_p
 def test_exported_file_loads_in_diffusers_and_predicts_like_our_loader(tmp_path, tiny_model_dirs, dataset):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from ipa_train.diffusers_unet import install_adapter
+    from ipa_train.hosts.diffusers_unet import install_adapter
 
     result = train(_config(tmp_path, steps=2, fusion=True), _backbone(tiny_model_dirs), dataset)
     path = result.adapter_path
@@ -220,7 +220,7 @@ def test_sample_order_is_a_pure_function_covering_each_epoch():
 
 
 def test_v_prediction_target_and_cpu_precision(tmp_path, tiny_model_dirs, caplog):
-    from ipa_train.tiny import tiny_scheduler
+    from ipa_train.toy.tiny import tiny_scheduler
 
     backbone = DiffusersBackbone(components={"scheduler": tiny_scheduler("v_prediction")}, device="cpu")
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([3, 900])

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ipa_train import save_adapter
-from ipa_train.config import AdapterConfig, ResamplerConfig
-from ipa_train.layout import known_sites
+from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
+from ipa_train.adapter.layout import known_sites
 
 from ..factories import random_adapter
 

@@ -7,9 +7,9 @@ import importlib
 import pytest
 import torch
 
-from ipa_train.comfy_patch import encode_embeds
-from ipa_train.config import AdapterConfig, ResamplerConfig
-from ipa_train.diffusers_unet import unet_layer_hidden_sizes
+from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
+from ipa_train.hosts.comfy_patch import encode_embeds
+from ipa_train.hosts.diffusers_unet import unet_layer_hidden_sizes
 
 from ..factories import load_into_diffusers, random_adapter
 
@@ -154,7 +154,7 @@ def test_sites_found_in_comfyui_unet_match_official_layout(comfy, family):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from ipa_train.layout import context_dim_of_blocks, groups_from_blocks, known_sites, sites_from_groups
+    from ipa_train.adapter.layout import context_dim_of_blocks, groups_from_blocks, known_sites, sites_from_groups
 
     common = dict(use_checkpoint=False, image_size=32, out_channels=4, in_channels=4, model_channels=320,
                   use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)

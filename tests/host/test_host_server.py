@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ipa_train import save_adapter
-from ipa_train.config import AdapterConfig
-from ipa_train.layout import known_sites
+from ipa_train.adapter.config import AdapterConfig
+from ipa_train.adapter.layout import known_sites
 
 from ..factories import random_adapter
 from .server import get as _get
@@ -268,7 +268,7 @@ def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(server):
 def test_weight_sweep_node_samples_scores_and_plots(server):
     """IPAKitWeightSweep with a local CLIP folder: every (mode, weight, seed) is sampled, scored and plotted; at
     weight 0 both modes are the unpatched model, so their images and scores are identical."""
-    from ipa_train.tiny import write_tiny_clip
+    from ipa_train.toy.tiny import write_tiny_clip
 
     url, base = server
     clip_dir = write_tiny_clip(base / "tiny_clip")

@@ -81,7 +81,7 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
 def _shrink(prompt: dict, base: Path) -> dict:
     """The frontend's API prompt with the random models under the official names' places, a tiny offline CLIP for
     evaluation, a 3-image dataset, 64x64 latents and 2 sampling/training steps, to keep it short on CPU."""
-    from ipa_train.tiny import write_tiny_clip
+    from ipa_train.toy.tiny import write_tiny_clip
 
     clip_dir = base / "tiny_clip"
     if not clip_dir.exists():

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .attention import add_image_attention, mask_for_layer
-from .errors import IPAKitError
-from .modules import IPAdapter, multihead_attention
+from ..adapter.attention import add_image_attention, mask_for_layer
+from ..adapter.modules import IPAdapter, multihead_attention
+from ..errors import IPAKitError
 
 TextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 CALL_KV_KEY = "ipakit_kv"  # transformer_options entry holding per-call image K/V of fused applications

@@ -168,9 +168,9 @@ def write_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 def tiny_adapter(unet: Any, seed: int = 0) -> Any:
     """A plain `IPAdapter` fitting `unet` and the tiny image encoder, image K/V initialised from the UNet."""
-    from .config import AdapterConfig
-    from .diffusers_unet import init_from_unet, unet_layer_hidden_sizes
-    from .modules import IPAdapter
+    from ..adapter.config import AdapterConfig
+    from ..adapter.modules import IPAdapter
+    from ..hosts.diffusers_unet import init_from_unet, unet_layer_hidden_sizes
 
     torch.manual_seed(seed)
     config = AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=CLIP_PROJECTION,

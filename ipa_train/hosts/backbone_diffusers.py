@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ClipOutput
+from ..adapter.config import ClipOutput
+from ..adapter.modules import IPAdapter
+from ..errors import IPAKitError
+from ..training.train import TextCondition
 from .diffusers_unet import DiffusersAdapterPatch, init_from_unet, install_adapter, unet_layer_hidden_sizes
-from .errors import IPAKitError
-from .modules import IPAdapter
-from .train import TextCondition
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _PARTS = {"vae": "vae", "text": "text_encoder", "image": "image_encoder"}
 
 
 class DiffusersBackbone:
-    """`ipa_train.train.Backbone` for a diffusers Stable Diffusion 1.x/2.x model.
+    """`ipa_train.training.train.Backbone` for a diffusers Stable Diffusion 1.x/2.x model.
 
     Args:
         base_model: folder or hub id of a diffusers pipeline (subfolders unet, vae, text_encoder, tokenizer,

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import AdapterFormatError
+from ..errors import AdapterFormatError
 
 Family = Literal["sd15", "sdxl", "unknown"]
 Projection = Literal["plain", "plus", "full"]

@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 import torch
 
-from .attention import add_image_attention
-from .errors import IPAKitError
-from .layout import check_fit
-from .modules import IPAdapter, IPLayer, multihead_attention
+from ..adapter.attention import add_image_attention
+from ..adapter.layout import check_fit
+from ..adapter.modules import IPAdapter, IPLayer, multihead_attention
+from ..errors import IPAKitError
 
 Mode = Literal["scaled", "fused"]
 

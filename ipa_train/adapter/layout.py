@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import IPAKitError
+from ..errors import IPAKitError
 
 SECTIONS = ("input", "middle", "output")
 
@@ -175,8 +175,8 @@ def context_dim_of_blocks(input_blocks: Any, middle_block: Any, output_blocks: A
 def check_fit(hidden: tuple[int, ...], context_dim: int | None, config: Any) -> None:
     """Raise BaseModelMismatchError when an adapter (its AdapterConfig) does not fit a model whose cross-attention
     layers have inner widths `hidden` (adapter order) and text width `context_dim`."""
+    from ..errors import BaseModelMismatchError
     from .config import family_for, family_label
-    from .errors import BaseModelMismatchError
 
     if hidden == tuple(config.layer_hidden_sizes) and (context_dim is None or context_dim == config.cross_attention_dim):
         return

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import AdapterConfig, ClipOutput, ResamplerConfig
+from ..adapter.config import AdapterConfig, ClipOutput, ResamplerConfig
+from ..adapter.formats import load_adapter, save_adapter
+from ..adapter.modules import IPAdapter
+from ..errors import TrainConfigError
 from .data import CaptionedImages
-from .errors import TrainConfigError
-from .formats import load_adapter, save_adapter
-from .modules import IPAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class TextCondition:
 
 
 class Backbone(Protocol):
-    """What training needs from a base model. `ipa_train.backbone_diffusers.DiffusersBackbone` implements it
+    """What training needs from a base model. `ipa_train.hosts.backbone_diffusers.DiffusersBackbone` implements it
     for diffusers folders; a host (ComfyUI) can implement it over its own model objects.
 
     Encoders are frozen and run without gradients; `predict` runs the frozen UNet with the installed adapter
@@ -715,7 +715,7 @@ def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
     Args:
         config: the run's options.
         backbone: base model and image encoder behind the `Backbone` interface.
-        dataset: captioned images (`ipa_train.data.load_dataset`).
+        dataset: captioned images (`ipa_train.training.data.load_dataset`).
         should_stop: polled before every step; when it returns True a checkpoint is written and training returns.
         progress: called after every optimizer step with (step, total steps, mean loss of the step).
         accelerator: an `accelerate.Accelerator` for multi-GPU / mixed precision runs; None runs in-process.

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .errors import EvaluationError
-from .formats import atomic_write
-from .imageprep import CLIP_MEAN, CLIP_STD
+from ..adapter.formats import atomic_write
+from ..adapter.imageprep import CLIP_MEAN, CLIP_STD
+from ..errors import EvaluationError
 
 logger = logging.getLogger(__name__)
 
@@ -541,8 +541,8 @@ def backbone_generator(backbone: Any, adapter: Any, reference: Image.Image, prom
         reference: the reference image.
         prompt: the prompt of every sample.
     """
-    from .backbone_diffusers import generate
-    from .data import clip_pixels
+    from ..hosts.backbone_diffusers import generate
+    from ..training.data import clip_pixels
 
     pixels = clip_pixels(reference)[None]  # [1, 3, 224, 224]
 

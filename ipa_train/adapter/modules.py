@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import EncoderMismatchError
 from .config import AdapterConfig, ResamplerConfig, encoder_for, encoder_spec
-from .errors import EncoderMismatchError
 
 
 class PlainProjection(nn.Module):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

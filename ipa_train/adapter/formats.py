@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import AdapterFormatError
 from .config import (
     CONFIG_METADATA_KEY,
     FORMAT_METADATA_KEY,
@@ -31,7 +32,6 @@ from .config import (
     AdapterConfig,
     ResamplerConfig,
 )
-from .errors import AdapterFormatError
 from .modules import IPAdapter, layer_key
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Adapter format and math: configs, projection modules, weight files, layer layouts, attention."""

@@ -1,0 +1,1 @@
+"""Evaluation: CLIP scores, grades, diversity and weight sweeps."""

@@ -1,0 +1,1 @@
+"""The toy world: tiny models built offline for demos and tests."""

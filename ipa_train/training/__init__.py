@@ -1,0 +1,1 @@
+"""Training: datasets of captioned images and the training loop with its checkpoints."""
