@@ -114,9 +114,12 @@ def _load(path: Path) -> dict:
 def test_the_workflows_are_there_with_thumbnails():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     for path in WORKFLOWS:
-        thumbs = [path.with_suffix(ext) for ext in (".png", ".jpg") if path.with_suffix(ext).is_file()]
-        assert len(thumbs) == 1, f"{path.name}: one thumbnail (.png or .jpg) expected"
-        assert 10_000 < thumbs[0].stat().st_size < 150_000, thumbs[0].name
+        # the frontend's template browser fetches <name>.jpg for a custom node pack's templates
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"{path.name}: no {thumb.name} (the template browser shows <name>.jpg)"
+        assert thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
+        assert 10_000 < thumb.stat().st_size < 150_000, thumb.name
+        assert not path.with_suffix(".png").exists(), f"{path.stem}.png: a thumbnail the template browser never shows"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
