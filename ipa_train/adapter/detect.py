@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..errors import AdapterFormatError
 from .config import CONFIG_METADATA_KEY, AdapterConfig, ResamplerConfig
-from .files import _fail, read_tensors
+from .files import _fail, clean, read_tensors
 from .modules import IPAdapter, layer_key
 
 CLIP_TOKENS = 257  # ViT/14 at 224 px: 16*16 patches + CLS
@@ -121,7 +124,26 @@ def split_groups(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
             "`python -m ipa_train convert`) at the checkpoint's model.safetensors that still holds the "
             "'unet.*.attn2.processor.to_k_ip' weights, or save the checkpoint with safe_serialization=False",
         )
+    for group, tensors_of_group in groups.items():
+        _check_tensors(path, group, tensors_of_group)
     return AdapterState(groups["image_proj"], groups["ip_adapter"], groups["fusion"], metadata, source, path)
+
+
+def _check_tensors(path: str, group: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Adapter weights are non-empty floating-point tensors of rank 1 to 3."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise _fail(path, f"'{group}.{name}' holds {str(t.dtype).replace('torch.', '')} values; adapter weights "
+                              "are floating point (float32/float16/bfloat16): the file is damaged or not an adapter")
+        if t.numel() == 0 or not 1 <= t.ndim <= 3:
+            raise _fail(path, f"'{group}.{name}' has shape {tuple(t.shape)}; adapter weights are non-empty tensors "
+                              "with 1 to 3 dimensions: the file is damaged or not an adapter")
+
+
+def non_finite(state: AdapterState) -> list[str]:
+    """Names of the adapter tensors holding NaN or infinite values."""
+    return [f"{g}.{k}" for g in ("image_proj", "ip_adapter", "fusion") for k, t in getattr(state, g).items()
+            if not bool(torch.isfinite(t).all())]
 
 
 def read_adapter_state(path: str | os.PathLike) -> AdapterState:
@@ -223,6 +245,9 @@ _MEASURE: dict[str, Callable[[AdapterState], tuple[int, int, int]]] = {
 def _layer_hidden_sizes(state: AdapterState, cross_dim: int) -> tuple[int, ...]:
     ids = sorted({int(k.split(".")[0]) for k in state.ip_adapter if k.split(".")[0].isdigit()})
     expected = [2 * i + 1 for i in range(len(ids))]
+    if not ids:
+        raise _fail(state.path, "'ip_adapter' has no numbered layers; expected keys '1.to_k_ip.weight', "
+                                "'1.to_v_ip.weight', '3.to_k_ip.weight', ... of the official layout")
     if ids != expected:
         raise _fail(
             state.path,
@@ -233,7 +258,7 @@ def _layer_hidden_sizes(state: AdapterState, cross_dim: int) -> tuple[int, ...]:
     for n in ids:
         k = _shape(state, "ip_adapter", f"{n}.to_k_ip.weight")
         v = _shape(state, "ip_adapter", f"{n}.to_v_ip.weight")
-        if k != v or k[1] != cross_dim:
+        if k != v or len(k) != 2 or k[1] != cross_dim:
             raise _fail(
                 state.path,
                 f"layer {n}: to_k_ip {k} and to_v_ip {v} must both be [hidden, {cross_dim}] "
@@ -243,26 +268,74 @@ def _layer_hidden_sizes(state: AdapterState, cross_dim: int) -> tuple[int, ...]:
     return tuple(hidden)
 
 
+_EXPECTED_SHAPES = {
+    "plain": "image_proj.proj.weight [tokens x width, CLIP width] and image_proj.norm.weight [width]",
+    "full": "image_proj.proj.0.weight [hidden, CLIP width] and image_proj.proj.2.weight [width, hidden]",
+    "plus": "image_proj.latents [1, tokens, dim], proj_in.weight [dim, CLIP width], proj_out.weight [width, dim]",
+}
+_SIZE_FIELDS = ("num_tokens", "clip_embedding_dim", "cross_attention_dim")
+_MAX_SIZE = 1 << 20
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_SIZE
+
+
+def config_from_metadata(state: AdapterState) -> AdapterConfig:
+    """The config stored in our metadata, every size checked: positive integers, at least one layer."""
+    def bad(what: str) -> AdapterFormatError:
+        return _fail(state.path, f"its '{CONFIG_METADATA_KEY}' metadata is not a valid config ({what}); expected "
+                                 "positive integer sizes as this kit writes them: the file was edited or damaged")
+
+    try:
+        d = json.loads(state.metadata[CONFIG_METADATA_KEY])
+    except (ValueError, RecursionError) as e:
+        raise bad(f"not JSON: {clean(str(e), 80)}") from None
+    if not isinstance(d, dict):
+        raise bad(f"a JSON {type(d).__name__}, not an object")
+    for key in _SIZE_FIELDS:
+        if not _positive_int(d.get(key)):
+            raise bad(f"{key} is {clean(repr(d.get(key)), 40)}")
+    layers = d.get("layer_hidden_sizes")
+    if not isinstance(layers, list) or not layers or not all(_positive_int(h) for h in layers):
+        raise bad(f"layer_hidden_sizes is {clean(repr(layers), 60)}")
+    resampler = d.get("resampler")
+    if resampler is not None and (not isinstance(resampler, dict) or
+                                  not all(_positive_int(v) for v in resampler.values())):
+        raise bad(f"resampler is {clean(repr(resampler), 60)}")
+    try:
+        return AdapterConfig.from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise bad(clean(str(e), 80)) from None
+
+
 def detect_config(state: AdapterState) -> AdapterConfig:
     """The adapter's config: from the kit's metadata when present, else measured from the tensors."""
     if CONFIG_METADATA_KEY in state.metadata:
-        try:
-            cfg = AdapterConfig.from_json(state.metadata[CONFIG_METADATA_KEY])
-        except (ValueError, TypeError, KeyError) as e:
-            raise _fail(state.path, f"its '{CONFIG_METADATA_KEY}' metadata is not a valid config ({e})") from None
-        return cfg.replace(fusion=bool(state.fusion))
+        return config_from_metadata(state).replace(fusion=bool(state.fusion))
     variant = detect_variant(state)
-    clip_dim, cross_dim, tokens = _MEASURE[variant.projection](state)
+    try:
+        clip_dim, cross_dim, tokens = _MEASURE[variant.projection](state)
+        resampler = _resampler_config(state) if variant.projection == "plus" else None
+        hidden = _layer_hidden_sizes(state, cross_dim)
+    except AdapterFormatError:
+        raise
+    except (IndexError, ValueError, ZeroDivisionError) as e:
+        raise _fail(state.path, f"the {variant.name} projection's tensors have unexpected shapes ({clean(str(e), 80)}); "
+                                f"expected {_EXPECTED_SHAPES[variant.projection]}: the file is damaged") from None
+    if not all(_positive_int(x) for x in (clip_dim, cross_dim, tokens)):
+        raise _fail(state.path, f"the {variant.name} projection measures {tokens} tokens of width {cross_dim} from "
+                                f"CLIP width {clip_dim}; expected positive sizes: the file is damaged")
     return AdapterConfig(
         projection=variant.projection,  # type: ignore[arg-type]
         num_tokens=tokens,
         clip_embedding_dim=clip_dim,
         cross_attention_dim=cross_dim,
-        layer_hidden_sizes=_layer_hidden_sizes(state, cross_dim),
+        layer_hidden_sizes=hidden,
         clip_output=variant.clip_output,  # type: ignore[arg-type]
         fusion=bool(state.fusion),
         variant=variant.name,
-        resampler=_resampler_config(state) if variant.projection == "plus" else None,
+        resampler=resampler,
     )
 
 
@@ -279,8 +352,12 @@ def state_to_module_dict(state: AdapterState) -> dict[str, torch.Tensor]:
 
 def build_adapter(state: AdapterState, config: AdapterConfig | None = None) -> IPAdapter:
     config = config or detect_config(state)
-    with torch.device("meta"):
-        adapter = IPAdapter(config)
+    try:
+        with torch.device("meta"):
+            adapter = IPAdapter(config)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
+        raise _fail(state.path, f"its sizes do not make a {config.variant} adapter ({clean(str(e), 80)}); the file "
+                                "is damaged or not an adapter") from None
     sd = state_to_module_dict(state)
     expected = adapter.state_dict()
     missing = sorted(set(expected) - set(sd))

@@ -21,7 +21,15 @@ from safetensors.torch import save_file
 from ..errors import AdapterFormatError
 from ..outputs import atomic_write
 from .config import CONFIG_METADATA_KEY, FORMAT_METADATA_KEY, FORMAT_VERSION, AdapterConfig
-from .detect import AdapterState, build_adapter, detect_config, detect_variant, read_adapter_state, split_groups
+from .detect import (
+    AdapterState,
+    build_adapter,
+    detect_config,
+    detect_variant,
+    non_finite,
+    read_adapter_state,
+    split_groups,
+)
 from .files import CHECKPOINT_DIR_FILES, PICKLE_SUFFIXES, read_tensors
 from .modules import IPAdapter
 
@@ -52,6 +60,7 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     state = read_adapter_state(path)
     cfg = detect_config(state)
     adapter = build_adapter(state, cfg)
+    bad = warn_non_finite(state)
     return {
         "file": os.fspath(path),
         "variant": cfg.variant,
@@ -66,7 +75,18 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         "parameters": adapter.num_parameters(),
         "fusion": cfg.fusion,
         "source": state.source,
+        "non_finite_tensors": bad,
     }
+
+
+def warn_non_finite(state: AdapterState) -> list[str]:
+    """Log one warning when adapter tensors hold NaN or infinity (such an adapter turns images into NaN)."""
+    bad = non_finite(state)
+    if bad:
+        logger.warning("%s: %d tensor(s) hold NaN or infinite values (%s%s); this adapter will produce black or NaN "
+                       "images: train it again (lower --lr) or download it again", state.path, len(bad),
+                       ", ".join(bad[:3]), ", ..." if len(bad) > 3 else "")
+    return bad
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,5 +114,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Adapte
     """Turn a reference/accelerate training checkpoint (or any readable adapter) into the official layout."""
     state = read_adapter_state(src)
     adapter = build_adapter(state)
+    warn_non_finite(state)
     save_adapter(adapter, dst, {"ipa_kit.converted_from": os.path.basename(os.fspath(src))})
     return adapter.config
