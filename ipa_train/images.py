@@ -94,6 +94,6 @@ def open_rgb(path: str | os.PathLike, side: int, draft: bool = False) -> Image.I
         raise ImageRejected("not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         reason = str(e) or type(e).__name__
-        if "truncated" in reason or isinstance(e, EOFError):
+        if "truncated" in reason.lower() or isinstance(e, EOFError):
             raise ImageRejected("truncated: the file ends before the image data does") from None
         raise ImageRejected(f"cannot be decoded ({reason})") from None

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..adapter.config import AdapterConfig
 from ..adapter.formats import load_adapter, save_adapter
 from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
+from ..outputs import OutputError, file_mode, is_disk_full
 from .config import TrainConfig
 from .engine import Engine
 
@@ -99,12 +101,44 @@ class LoopState:
     losses: list[float] = field(default_factory=list)
 
 
-def save_checkpoint(folder: Path, adapter: IPAdapter, optimizer: Any, scheduler: Any, engine: Engine,
-                    state: LoopState, config: TrainConfig) -> Path:
-    """Write a checkpoint folder atomically: built under a temporary name, then renamed into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+_NAME = re.compile(r"^checkpoint-(\d+)(?:\.(\d+))?$")
+
+
+def checkpoint_key(path: Path) -> tuple[int, int] | None:
+    """(step, revision) of a `checkpoint-N` or `checkpoint-N.R` folder name, None for other names."""
+    m = _NAME.match(path.name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoint folders in `folder`, oldest first (by step, then revision)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if checkpoint_key(p) is not None and (p / STATE_JSON_FILE).is_file()]
+    return sorted(found, key=lambda p: checkpoint_key(p))  # type: ignore[arg-type, return-value]
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove temporary folders of interrupted saves (`.checkpoint-N.tmp`, `.checkpoint-N.old`)."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".checkpoint-") and p.name.endswith((".tmp", ".old")):
+                shutil.rmtree(p, ignore_errors=True)
+                logger.info("removed %s, left by an interrupted checkpoint save", p)
+
+
+def _free_name(folder: Path) -> Path:
+    """`folder`, or `folder.R` with the next revision when a checkpoint of this step exists (a re-save)."""
+    key = checkpoint_key(folder)
+    taken = [k[1] for p in folder.parent.iterdir() if (k := checkpoint_key(p)) is not None and key is not None
+             and k[0] == key[0]]
+    if not taken and not folder.exists():
+        return folder
+    return folder.with_name(f"{folder.name}.{max(taken, default=0) + 1}")
+
+
+def _write_checkpoint(tmp: Path, adapter: IPAdapter, optimizer: Any, scheduler: Any, engine: Engine,
+                      state: LoopState, config: TrainConfig) -> None:
     tmp.mkdir()
     tensors, opt_state = _optimizer_state(optimizer)
     rng_tensors, rng_state = _rng_state()
@@ -115,35 +149,73 @@ def save_checkpoint(folder: Path, adapter: IPAdapter, optimizer: Any, scheduler:
         "adapter_config": adapter.config.to_dict(), "optimizer": opt_state,
         "scheduler": _json_safe(scheduler.state_dict()), "rng": rng_state, "scaler": engine.scaler_state(),
     }
-    (tmp / STATE_JSON_FILE).write_text(json.dumps(meta))
+    (tmp / STATE_JSON_FILE).write_text(json.dumps(meta))  # written last: its presence marks a complete folder
     for f in tmp.iterdir():
+        os.chmod(f, file_mode())
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old"
+
+
+def save_checkpoint(folder: Path, adapter: IPAdapter, optimizer: Any, scheduler: Any, engine: Engine,
+                    state: LoopState, config: TrainConfig) -> Path:
+    """Write a checkpoint folder atomically: built under a hidden temporary name, then renamed once into place.
+
+    A checkpoint of the same step that already exists is never replaced in place: the new one gets the next
+    revision (`checkpoint-N.1`) and the older one is removed only after the new one is complete, so a crash at
+    any point leaves a complete visible checkpoint. Afterwards only the newest `config.keep_checkpoints` remain.
+
+    Raises:
+        OutputError: the disk filled up; the temporary folder is removed and older checkpoints are kept.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    target = _free_name(folder)
+    tmp = folder.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, adapter, optimizer, scheduler, engine, state, config)
+        os.replace(tmp, target)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e) or isinstance(e, OutputError):
+            kept = list_checkpoints(folder.parent)
+            raise OutputError(f"the disk is full: writing checkpoint {target} at step {state.step} failed; "
+                              f"{'the last complete checkpoint ' + str(kept[-1]) + ' is kept' if kept else 'no checkpoint was written'}."
+                              " Free some space, then resume with --resume latest") from None
+        raise
+    for old in list_checkpoints(folder.parent):
+        if old != target and (checkpoint_key(old) or (0, 0))[0] == state.step:
+            shutil.rmtree(old, ignore_errors=True)  # an older save of the same step, superseded
+    prune_checkpoints(folder.parent, config.keep_checkpoints)
+    return target
+
+
+def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` checkpoints (0 keeps all); returns the removed folders."""
+    found = list_checkpoints(folder)
+    removed = found[:-keep] if keep > 0 else []
+    for old in removed:
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    return folder
+    if removed:
+        logger.info("removed %d older checkpoint(s) (--keep-checkpoints %d): %s", len(removed), keep,
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def find_checkpoint(config: TrainConfig) -> Path:
     """The checkpoint folder named by `config.resume` ("latest" = newest in output_dir/checkpoints)."""
     assert config.resume
+    where = Path(config.output_dir, CHECKPOINTS_DIR)
     if config.resume != "latest":
         path = Path(config.resume)
     else:
-        found = sorted(Path(config.output_dir, CHECKPOINTS_DIR).glob("checkpoint-*"))
+        found = list_checkpoints(where)
         if not found:
-            raise TrainConfigError(f"resume=latest: no checkpoint-* folder in {Path(config.output_dir, CHECKPOINTS_DIR)}; "
-                                   "start without --resume or give a checkpoint folder")
+            raise TrainConfigError(f"resume=latest: no checkpoint-* folder in {where}; start without --resume or give "
+                                   "a checkpoint folder")
         path = found[-1]
     if not (path / STATE_JSON_FILE).is_file():
         raise TrainConfigError(f"{path}: not a training checkpoint (no {STATE_JSON_FILE}); give a checkpoint-N folder "
-                               f"written by this kit, under {Path(config.output_dir, CHECKPOINTS_DIR)}")
+                               f"written by this kit, under {where}")
     return path
 
 

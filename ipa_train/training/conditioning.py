@@ -140,7 +140,7 @@ def sample_indices(n: int, batch: int, micro_step: int, seed: int, rank: int = 0
     for j in range(micro_step * batch, (micro_step + 1) * batch):
         k = j * world + rank  # position in the global stream
         epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64))
         out.append(int(perm[pos]))
     return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +15,46 @@ from ..errors import TrainConfigError
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
+
+
+# Integer options: (smallest, largest). The seed must fit the generators' 64-bit range.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "num_tokens": (0, 1024), "steps": (1, 10**9), "batch_size": (1, 4096), "gradient_accumulation": (1, 4096),
+    "warmup_steps": (0, 10**9), "seed": (0, 2**64 - 1), "save_every": (0, 10**9), "log_every": (0, 10**9),
+    "resolution": (8, 8192), "cache_limit": (0, 10**9), "keep_checkpoints": (0, 10**6),
+}
+# Float options: (smallest, largest, smallest excluded). Infinity and NaN are never accepted.
+_FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, 1e30, True), "weight_decay": (0.0, 1e30, False), "max_grad_norm": (0.0, 1e30, False),
+    "fusion_lambda": (0.0, 1.0, False), "drop_text": (0.0, 1.0, False), "drop_image": (0.0, 1.0, False),
+    "drop_both": (0.0, 1.0, False),
+}
+_NAME_FORBIDDEN = set('/\\:*?"<>|')
+ADAPTER_SUFFIX = ".safetensors"
+
+
+def _int_check(name: str, value: Any, lo: int, hi: int) -> tuple[bool, str]:
+    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    return ok, f"{name} must be a whole number from {lo} to {hi}, got {value!r}"
+
+
+def _float_check(name: str, value: Any, lo: float, hi: float, lo_open: bool) -> tuple[bool, str]:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > lo if lo_open else value >= lo) and value <= hi)
+    return ok, f"{name} must be a finite number {'above' if lo_open else 'from'} {lo:g} {'and at most' if lo_open else 'to'} {hi:g}, got {value!r}"
+
+
+def normalise_name(name: Any) -> str:
+    """The adapter's file name without extension: spaces and a trailing `.safetensors` removed; names that would
+    be hidden, leave the output folder or be invalid on Windows are refused."""
+    n = str(name).strip()
+    if n.lower().endswith(ADAPTER_SUFFIX):
+        n = n[: -len(ADAPTER_SUFFIX)].rstrip()
+    if (not n or n.startswith(".") or n.endswith(".") or len(n) > 200
+            or any(c in _NAME_FORBIDDEN or not c.isprintable() for c in n)):
+        raise TrainConfigError(f"training option: name {name!r} must be a plain file name (no folders, no leading "
+                               'dot, none of / \\ : * ? " < > |), e.g. my-ip-adapter')
+    return n
 
 
 @dataclass
@@ -50,34 +90,25 @@ class TrainConfig:
     cache_limit: int = field(default=2000, metadata=_help("cache embeddings and latents when the dataset has at most N images (0: never)"))
     init_adapter: str | None = field(default=None, metadata=_help("adapter file to fine-tune instead of starting from scratch"))
     resume: str | None = field(default=None, metadata=_help("checkpoint folder to resume from, or 'latest' in output_dir"))
+    keep_checkpoints: int = field(default=3, metadata=_help("keep the newest N checkpoints, removing older ones after each "
+                                                            "successful save (0: keep all)"))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
             (self.projection in ("plain", "plus"), f"projection must be 'plain' or 'plus', got {self.projection!r}"),
             (self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"),
-            (self.steps >= 1, f"steps must be at least 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.gradient_accumulation >= 1, f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
-            (self.num_tokens >= 0, f"num_tokens must be >= 0 (0 = default), got {self.num_tokens}"),
-            (0.0 <= self.fusion_lambda <= 1.0, f"fusion_lambda must be in [0, 1], got {self.fusion_lambda}"),
-            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
-            (self.resolution >= 8 and self.resolution % 8 == 0,
-             f"resolution must be a multiple of 8 (VAE downscale), got {self.resolution}"),
-            (bool(self.name) and os.sep not in self.name, f"name must be a plain file name, got {self.name!r}"),
         ]
-        for rate_name in ("drop_text", "drop_image", "drop_both"):
-            rate = getattr(self, rate_name)
-            checks.append((0.0 <= rate <= 1.0, f"{rate_name} must be in [0, 1], got {rate}"))
+        checks += [_int_check(name, getattr(self, name), lo, hi) for name, (lo, hi) in _INT_RANGES.items()]
+        checks += [_float_check(name, getattr(self, name), lo, hi, lo_open)
+                   for name, (lo, hi, lo_open) in _FLOAT_RANGES.items()]
+        checks.append((self.resolution % 8 == 0, f"resolution must be a multiple of 8 (VAE downscale), got {self.resolution}"))
         total = self.drop_text + self.drop_image + self.drop_both
         checks.append((total <= 1.0, f"drop_text + drop_image + drop_both must be <= 1, got {total:g}"))
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(f"training option: {message}")
+        self.name = normalise_name(self.name)
 
     @property
     def tokens(self) -> int:

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..adapter.config import AdapterConfig, ResamplerConfig
 from ..adapter.formats import load_adapter, save_adapter
 from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
+from ..outputs import MB, OutputError, check_output_dir, check_output_file
 from .backbone import Backbone, TextCondition
 from .checkpoints import (
     ADAPTER_FILE,
@@ -44,7 +45,9 @@ from .checkpoints import (
     _rng_state,
     _set_rng_state,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    remove_leftovers,
     save_checkpoint,
 )
 from .conditioning import Batch, Conditioning, drop_decisions, sample_indices
@@ -58,7 +61,7 @@ __all__ = [
     "ADAPTER_FILE", "CHECKPOINTS_DIR", "STATE_JSON_FILE", "STATE_TENSORS_FILE", "AdapterModel", "Backbone", "Batch",
     "Conditioning", "Engine", "LoopState", "TextCondition", "TrainConfig", "TrainResult", "adapter_config_for",
     "build_adapter", "drop_decisions", "find_checkpoint", "load_checkpoint", "resampler_config", "sample_indices",
-    "save_checkpoint", "set_seed", "train",
+    "save_checkpoint", "set_seed", "train", "TrainingDiverged", "preflight",
 ]
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,6 +182,145 @@ def _loss(model: nn.Module, backbone: Backbone, batch: Batch, engine: Engine) ->
     return F.mse_loss(pred.float(), backbone.target(batch.latents, noise, timesteps).float(), reduction="mean")
 
 
+class TrainingDiverged(TrainConfigError):
+    """The loss or the adapter's weights became NaN or infinite."""
+
+
+def preflight(config: TrainConfig, backbone: Backbone, main: bool = True) -> Path | None:
+    """Checks made before any work: the init adapter, the output folder (a folder, writable, room for a checkpoint
+    and the exported adapter) and the checkpoint to resume from, which is returned."""
+    out = Path(config.output_dir)
+    cfg = load_adapter(config.init_adapter).config if config.init_adapter else adapter_config_for(config, backbone)
+    with torch.device("meta"):
+        n = IPAdapter(cfg.replace(fusion=cfg.fusion or config.fusion)).num_parameters()
+    # A checkpoint holds the fp32 adapter and AdamW's two fp32 moments (12 bytes a parameter); the export 4 more.
+    check_output_dir(out, 16 * n + MB, "output folder")
+    check_output_dir(out / CHECKPOINTS_DIR, 0, "checkpoint folder")
+    check_output_file(out / f"{config.name}.safetensors", 0, "adapter file")
+    if main:
+        remove_leftovers(out / CHECKPOINTS_DIR)
+    return find_checkpoint(config) if config.resume else None
+
+
+@dataclass
+class _Run:
+    """Everything one run updates."""
+
+    adapter: IPAdapter
+    params: list[nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    model: nn.Module
+    conditioning: Conditioning
+    state: LoopState
+    checkpoints: list[Path] = field(default_factory=list)
+    non_finite_in_a_row: int = 0
+
+
+def _setup(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, engine: Engine,
+           resume_from: Path | None) -> _Run:
+    set_seed(config.seed)
+    conditioning = Conditioning(backbone, dataset, config)
+    adapter = build_adapter(config, backbone).to(engine.device).train()
+    backbone.attach(adapter)
+    if config.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+    params = adapter.trainable_parameters(include_fusion=config.fusion)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(config.warmup_steps))
+    state = LoopState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, adapter, optimizer, scheduler, engine, config)
+    model = AdapterModel(adapter, backbone, config.fusion_lambda if config.fusion else None)
+    model, optimizer = engine.prepare(model, optimizer)
+    logger.info("training a %s adapter%s: %d trainable parameters, %d steps of %d x %d sample(s), %d image(s)",
+                adapter.config.variant, " (fused)" if config.fusion else "", sum(p.numel() for p in params),
+                config.steps, config.gradient_accumulation, config.batch_size * engine.world, len(dataset))
+    return _Run(adapter, params, optimizer, scheduler, model, conditioning, state)
+
+
+def _diverged(config: TrainConfig, step: int, what: str) -> TrainingDiverged:
+    kept = list_checkpoints(Path(config.output_dir, CHECKPOINTS_DIR))
+    last = (f"the last good checkpoint {kept[-1]} is kept (resume with --resume {kept[-1]} and the changed options)"
+            if kept else "no checkpoint was written before")
+    return TrainingDiverged(f"training diverged at step {step}: {what}; nothing was exported and {last}. Lower --lr "
+                            f"(now {config.lr:g}), set --max-grad-norm 1.0, or use --mixed-precision bf16 instead of fp16")
+
+
+def _check_loss(run: _Run, config: TrainConfig, engine: Engine, loss: float) -> None:
+    """Stop on a NaN/inf loss. fp16's gradient scaler skips such steps by design, so it gets a few in a row."""
+    if math.isfinite(loss):
+        run.non_finite_in_a_row = 0
+        return
+    run.non_finite_in_a_row += 1
+    if engine.precision != "fp16" or run.non_finite_in_a_row > 10:
+        raise _diverged(config, run.state.step + 1, f"the loss is {loss}")
+
+
+def _one_step(run: _Run, config: TrainConfig, backbone: Backbone, engine: Engine,
+              interrupts: tuple[type[BaseException], ...]) -> float | None:
+    """One optimizer step; its mean loss, or None when a host interrupt discarded the unfinished step."""
+    rng_at_step = _rng_state() if interrupts else None
+    total = 0.0
+    try:
+        for a, batch in enumerate(_micro_batches(config, run.conditioning, run.state.step, engine)):
+            with engine.sync(run.model, a == config.gradient_accumulation - 1):
+                loss = _loss(run.model, backbone, batch, engine)
+                engine.backward(loss / config.gradient_accumulation)
+            total += float(loss.detach()) / config.gradient_accumulation
+    except interrupts:
+        run.optimizer.zero_grad(set_to_none=True)
+        _set_rng_state(*rng_at_step)
+        logger.info("interrupted during step %d: discarded it, writing a checkpoint", run.state.step + 1)
+        return None
+    mean = engine.mean(total)
+    _check_loss(run, config, engine, mean)  # before the optimizer step: the weights stay those of the last step
+    engine.step(run.optimizer, run.params)
+    run.scheduler.step()
+    run.state.step += 1
+    run.state.losses.append(mean)
+    return mean
+
+
+def _checkpoint(run: _Run, config: TrainConfig, engine: Engine) -> Path | None:
+    engine.wait()
+    if not all(bool(torch.isfinite(p).all()) for p in run.adapter.parameters()):
+        raise _diverged(config, run.state.step, "the adapter's weights became NaN or infinite")
+    if not engine.is_main:
+        return None
+    path = save_checkpoint(Path(config.output_dir, CHECKPOINTS_DIR, f"checkpoint-{run.state.step:06d}"), run.adapter,
+                           run.optimizer, run.scheduler, engine, run.state, config)
+    run.checkpoints.append(path)
+    return path
+
+
+def _loop(run: _Run, config: TrainConfig, backbone: Backbone, engine: Engine, should_stop: Callable[[], bool] | None,
+          progress: Callable[[int, int, float], None] | None, interrupts: tuple[type[BaseException], ...]) -> bool:
+    """Train until `config.steps`; True when stopped early (stop request or host interrupt)."""
+    started = time.perf_counter()
+    first_step = run.state.step
+    while run.state.step < config.steps:
+        if should_stop is not None and should_stop():
+            logger.info("stop requested at step %d: writing a checkpoint", run.state.step)
+            return True
+        loss = _one_step(run, config, backbone, engine, interrupts)
+        if loss is None:
+            return True
+        if progress is not None:
+            try:
+                progress(run.state.step, config.steps, loss)
+            except interrupts:
+                logger.info("interrupted after step %d: writing a checkpoint", run.state.step)
+                return True
+        if config.log_every and run.state.step % config.log_every == 0:
+            rate = (time.perf_counter() - started) / (run.state.step - first_step)
+            logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", run.state.step, config.steps, loss,
+                        run.scheduler.get_last_lr()[0], rate)
+        if config.save_every and run.state.step % config.save_every == 0 and run.state.step < config.steps:
+            _checkpoint(run, config, engine)
+    return False
+
+
 def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
           should_stop: Callable[[], bool] | None = None,
           progress: Callable[[int, int, float], None] | None = None,
@@ -198,79 +340,19 @@ def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
 
     Returns:
         TrainResult with the trained adapter, the per-step losses and the written files.
+
+    Raises:
+        OutputError: the output folder is unusable (checked before any work) or the disk filled up.
+        TrainingDiverged: the loss or the weights became NaN/inf; earlier checkpoints are kept, nothing exported.
     """
     engine = Engine(config, backbone.device, accelerator)
-    set_seed(config.seed)
-    out = Path(config.output_dir)
-    conditioning = Conditioning(backbone, dataset, config)
-    adapter = build_adapter(config, backbone).to(engine.device).train()
-    backbone.attach(adapter)
-    if config.gradient_checkpointing:
-        backbone.enable_gradient_checkpointing()
-    params = adapter.trainable_parameters(include_fusion=config.fusion)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(config.warmup_steps))
-    state = LoopState()
-    if config.resume:
-        state = load_checkpoint(find_checkpoint(config), adapter, optimizer, scheduler, engine, config)
-    model = AdapterModel(adapter, backbone, config.fusion_lambda if config.fusion else None)
-    model, optimizer = engine.prepare(model, optimizer)
-    logger.info("training a %s adapter%s: %d trainable parameters, %d steps of %d x %d sample(s), %d image(s)",
-                adapter.config.variant, " (fused)" if config.fusion else "", sum(p.numel() for p in params),
-                config.steps, config.gradient_accumulation, config.batch_size * engine.world, len(dataset))
-
-    def checkpoint() -> Path | None:
-        engine.wait()
-        if not engine.is_main:
-            return None
-        path = save_checkpoint(out / CHECKPOINTS_DIR / f"checkpoint-{state.step:06d}", adapter, optimizer,
-                               scheduler, engine, state, config)
-        checkpoints.append(path)
-        return path
-
-    checkpoints: list[Path] = []
-    stopped = False
-    started = time.perf_counter()
-    first_step = state.step
-    while state.step < config.steps:
-        if should_stop is not None and should_stop():
-            stopped = True
-            logger.info("stop requested at step %d: writing a checkpoint", state.step)
-            break
-        rng_at_step = _rng_state() if interrupts else None
-        total = 0.0
-        try:
-            for a, batch in enumerate(_micro_batches(config, conditioning, state.step, engine)):
-                with engine.sync(model, a == config.gradient_accumulation - 1):
-                    loss = _loss(model, backbone, batch, engine)
-                    engine.backward(loss / config.gradient_accumulation)
-                total += float(loss.detach()) / config.gradient_accumulation
-        except interrupts:
-            optimizer.zero_grad(set_to_none=True)
-            _set_rng_state(*rng_at_step)
-            stopped = True
-            logger.info("interrupted during step %d: discarded it, writing a checkpoint", state.step + 1)
-            break
-        engine.step(optimizer, params)
-        scheduler.step()
-        state.step += 1
-        state.losses.append(engine.mean(total))
-        if progress is not None:
-            try:
-                progress(state.step, config.steps, state.losses[-1])
-            except interrupts:
-                stopped = True
-                logger.info("interrupted after step %d: writing a checkpoint", state.step)
-                break
-        if config.log_every and state.step % config.log_every == 0:
-            rate = (time.perf_counter() - started) / (state.step - first_step)
-            logger.info("step %d/%d  loss %.5f  lr %.3g  %.2f s/step", state.step, config.steps,
-                        state.losses[-1], scheduler.get_last_lr()[0], rate)
-        if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
-            checkpoint()
-    final_checkpoint = checkpoint()
-    adapter_path = _export(config, adapter, dataset, state, engine, stopped, final_checkpoint)
-    return TrainResult(adapter, list(state.losses), adapter_path, checkpoints, state.step, stopped, dataset.describe())
+    resume_from = preflight(config, backbone, engine.is_main)
+    run = _setup(config, backbone, dataset, engine, resume_from)
+    stopped = _loop(run, config, backbone, engine, should_stop, progress, interrupts)
+    final_checkpoint = _checkpoint(run, config, engine)
+    adapter_path = _export(config, run.adapter, dataset, run.state, engine, stopped, final_checkpoint)
+    return TrainResult(run.adapter, list(run.state.losses), adapter_path, run.checkpoints, run.state.step, stopped,
+                       dataset.describe())
 
 
 def _export(config: TrainConfig, adapter: IPAdapter, dataset: CaptionedImages, state: LoopState, engine: Engine,
@@ -283,7 +365,11 @@ def _export(config: TrainConfig, adapter: IPAdapter, dataset: CaptionedImages, s
             "resolution": config.resolution, "images": len(dataset),
             "fusion_lambda": config.fusion_lambda if config.fusion else None,
             "final_loss": state.losses[-1] if state.losses and math.isfinite(state.losses[-1]) else None}
-    path = save_adapter(adapter, Path(config.output_dir) / f"{config.name}.safetensors",
-                        {"ipa_kit.training": json.dumps(info)})
+    target = Path(config.output_dir) / f"{config.name}.safetensors"
+    try:
+        path = save_adapter(adapter, target, {"ipa_kit.training": json.dumps(info)})
+    except OutputError as e:
+        raise OutputError(f"{e}. The trained adapter is safe in {final_checkpoint}: after freeing space, run "
+                          f"python -m ipa_train convert {final_checkpoint} {target}") from None
     logger.info("wrote %s", path)
     return path
