@@ -144,10 +144,10 @@ def test_paths_leaving_the_dataset_folder_are_refused_by_name(tmp_path, caplog, 
         ds = load_dataset(*args, resolution=16)
     assert [s.shown for s in ds.samples] == ["sub/in.png", "sub/../sub/in.png"]
     skipped = ds.describe()["skipped_files"]
-    assert skipped[0].startswith("'../secret.png' (outside the dataset folder")
-    assert skipped[1].startswith(f"{str(tmp_path / 'secret.png')!r} (absolute path")
-    assert skipped[2].startswith("'link.png' (outside the dataset folder")
-    assert "'../secret.png'" in _skipped(caplog)
+    assert skipped[0].startswith("../secret.png (outside the dataset folder")
+    assert skipped[1].startswith(f"{tmp_path / 'secret.png'} (absolute path")
+    assert skipped[2].startswith("link.png (outside the dataset folder")
+    assert "../secret.png (outside" in _skipped(caplog)
 
 
 def test_folder_link_leaving_the_folder_is_skipped(tmp_path):
@@ -165,6 +165,7 @@ def test_folder_link_leaving_the_folder_is_skipped(tmp_path):
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"image_file": 1}', "expected a JSON list"),
     ('[{"image_file": 7, "text": "x"}]', "entry 0 is"),
+    ('[{"image_file": "a.png", "text": {"en": "x"}}]', "entry 0 ('a.png') has a dict as 'text'"),
     (b'[{"image_file": "a.png", "text": "caf\xe9"}]', "not UTF-8 (byte 0xe9"),
 ])
 def test_malformed_captions_json_is_one_line_error(tmp_path, content, expected):

@@ -143,6 +143,11 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
         return text.strip(), f"{path.name} (caption not UTF-8: read as Windows-1252; save it as UTF-8)"
 
 
+def _show(name: str) -> str:
+    """A file name as the dataset gave it, quoted when it holds spaces at its ends or unprintable characters."""
+    return name if name.isprintable() and name == name.strip() and name else repr(name)
+
+
 def _inside(root: Path, given: str) -> tuple[Path | None, str | None]:
     """`root / given` when it stays inside `root` (after following links), else None and the reason."""
     if not given or "\x00" in given:
@@ -237,10 +242,13 @@ def _samples_from_entries(entries: list[Any], root: Path, file_key: str, where: 
         given = e[file_key]
         path, why = _inside(root, given)
         if path is None:
-            skipped.append(f"{given!r} ({why})")
+            skipped.append(f"{_show(given)} ({why})")
             continue
         text = e.get("text")
-        samples.append(Sample(path, str(text) if text is not None else "", text is not None, given))
+        if isinstance(text, (dict, list)):
+            raise DatasetError(f"{where}: entry {i} ({given!r}) has a {type(text).__name__} as 'text'; expected the "
+                               "caption as a string")
+        samples.append(Sample(path, str(text) if text is not None else "", text is not None, _show(given)))
     return samples, skipped
 
 
