@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modes", nargs="+", choices=["scaled", "fused"], default=["scaled", "fused"])
     g.add_argument("--seeds", nargs="+", type=int_range(0, 2**64 - 1), default=[0, 1, 2], help="seeds per point (default: 0 1 2)")
     g.add_argument("--steps", type=int_range(1, 1000), default=20, help="DDIM steps per image (default: 20)")
-    g.add_argument("--size", type=int_range(64, 4096), default=512, help="image size in pixels (default: 512)")
+    g.add_argument("--size", type=int_range(8, 4096), default=512, help="image size in pixels (default: 512)")
     g.add_argument("--guidance", type=float_range(0.0, 100.0), default=5.0, help="classifier-free guidance (default: 5.0)")
     g.add_argument("--fusion-lambda", type=float_range(0.0, 1.0), default=0.8, help="fused mode's lambda (default: 0.8)")
     g.add_argument("--plot", default="weight_sweep.png", help="sweep plot PNG (default: weight_sweep.png)")

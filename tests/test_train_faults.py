@@ -131,7 +131,7 @@ def test_disk_full_during_a_run_keeps_the_last_checkpoint_and_no_temporary_folde
         return real(tensors, path, *a, **k)
 
     monkeypatch.setattr(ckpt_mod, "save_file", filling)
-    cfg = _config(tmp_path, steps=6, save_every=1)
+    cfg = _config(tmp_path, steps=4, save_every=1)
     with pytest.raises(OutputError) as e:
         train(cfg, _backbone(tiny_model_dirs), dataset)
     text = str(e.value)
@@ -139,8 +139,8 @@ def test_disk_full_during_a_run_keeps_the_last_checkpoint_and_no_temporary_folde
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
     monkeypatch.setattr(ckpt_mod, "save_file", real)
-    resumed = train(_config(tmp_path, steps=6, save_every=1, resume="latest"), _backbone(tiny_model_dirs), dataset)
-    assert resumed.steps == 6 and (tmp_path / "run" / "ip-adapter.safetensors").is_file()
+    resumed = train(_config(tmp_path, steps=4, save_every=1, resume="latest"), _backbone(tiny_model_dirs), dataset)
+    assert resumed.steps == 4 and (tmp_path / "run" / "ip-adapter.safetensors").is_file()
 
 
 def _tiny_state(tmp_path, keep=3):
