@@ -6,11 +6,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import typing
 from pathlib import Path
 
+from .argtypes import Parser, check_range, float_range, int_range, one_line
 from .errors import IPAKitError
 
 logger = logging.getLogger("ipa_train")
@@ -33,55 +33,6 @@ _LABELS = (
 
 def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
-
-
-def one_line(text: str) -> str:
-    """A message as one printable line: newlines and control characters (terminal escapes) shown escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text).strip())
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the kit's error contract: one line on stderr, exit status 2 (no usage block)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def int_range(lo: int, hi: int) -> typing.Callable[[str], int]:
-    """An argparse type: a whole number in [lo, hi]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
-def float_range(lo: float, hi: float) -> typing.Callable[[str], float]:
-    """An argparse type: a finite number in [lo, hi] (NaN and infinity refused)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number from {lo:g} to {hi:g}, got {text!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected a finite number from {lo:g} to {hi:g}, got {text}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
-
-
-def _check_range(flag: str, value: typing.Any, lo: float, hi: float) -> None:
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value) or not lo <= value <= hi:
-        raise IPAKitError(f"{flag} must be from {lo:g} to {hi:g}, got {value}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -201,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     for flag, name, lo, hi in (("--steps", "steps", 1, 10**6), ("--sample-steps", "sample_steps", 1, 1000),
                                ("--seed", "seed", 0, 2**64 - 1)):
-        _check_range(flag, getattr(args, name, None), lo, hi)
+        check_range(flag, getattr(args, name, None), lo, hi)
     check_output_dir(args.output, 32 * MB, "demo output folder")  # the demo writes about 10 MB
     result = run_demo(args.output, steps=args.steps, seed=args.seed, sample_steps=args.sample_steps)
     _out(f"adapter:   {result.adapter}")
@@ -316,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ipa_train", description="ComfyUI IP-Adapter Kit command line")
+    p = Parser(prog="python -m ipa_train", description="ComfyUI IP-Adapter Kit command line")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True)
 
