@@ -146,7 +146,7 @@ class TrainResult:
     adapter: IPAdapter
     losses: list[float]  # one mean loss per optimizer step, from step 1 (resumed runs include the earlier steps)
     adapter_path: Path | None  # the exported adapter (the last checkpoint's adapter when stopped early)
-    checkpoints: list[Path]
+    checkpoints: list[Path]  # written by this run; older ones may since be pruned (keep_checkpoints)
     steps: int
     stopped: bool
     dataset: dict[str, Any]
