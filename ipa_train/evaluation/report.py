@@ -63,9 +63,12 @@ class EvalReport:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file as RGB, or an `EvaluationError` naming the file."""
+    """An image file as 8-bit RGB (size-checked before decoding), or an `EvaluationError` naming the file."""
+    from ..images import ImageRejected, open_rgb
+
+    if not os.path.isfile(path):
+        raise EvaluationError(f"image {os.fspath(path)!r} not found; give an image file")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"cannot read image {os.fspath(path)!r} ({e})") from None
+        return open_rgb(path, 224)  # CLIP scores at 224 px
+    except ImageRejected as e:
+        raise EvaluationError(f"cannot use image {os.fspath(path)!r}: {e}") from None
