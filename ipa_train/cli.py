@@ -165,7 +165,7 @@ def _sweep_generator(args: argparse.Namespace, reference):
     from pathlib import Path
 
     from .adapter.formats import load_adapter
-    from .evaluation.evaluate import backbone_generator
+    from .evaluation import backbone_generator
     from .hosts.backbone_diffusers import DiffusersBackbone
 
     if args.tiny:
@@ -189,7 +189,7 @@ def _sweep_generator(args: argparse.Namespace, reference):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .adapter.formats import atomic_write
-    from .evaluation.evaluate import EvalReport, Scorer, WeightSweep, load_image
+    from .evaluation import EvalReport, Scorer, WeightSweep, load_image
 
     if args.sweep == bool(args.images):
         raise IPAKitError("evaluate: give either --images IMG... (score those) or --sweep (generate and score)")
