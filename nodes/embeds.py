@@ -6,8 +6,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, logger
-from .reference import AdapterIO, EmbedsIO
+from .common import CATEGORY, Adapter, Embeds, logger
 
 EMBEDS_SUBDIR = "ipadapter_kit_embeds"  # under the output folder; the loader lists it next to the input folder
 
@@ -38,12 +37,12 @@ class IPAKitSaveEmbeds(io.ComfyNode):
             description="Writes encoded image tokens as safetensors (with the adapter they belong to), to reuse "
                         "without the CLIP vision model.",
             inputs=[
-                EmbedsIO.Input("embeds", tooltip="From IPAKitEncodeImage or IPAKitEncodeFrames."),
-                AdapterIO.Input("adapter", tooltip="The adapter the embeds were made with (recorded in the file)."),
+                Embeds.Input("embeds", tooltip="From IPAKitEncodeImage or IPAKitEncodeFrames."),
+                Adapter.Input("adapter", tooltip="The adapter the embeds were made with (recorded in the file)."),
                 io.String.Input("filename_prefix", default="ipadapter_kit_embeds/embeds",
                                 tooltip="Under the output folder; the loader lists output/ipadapter_kit_embeds."),
             ],
-            outputs=[io.String.Output(display_name="path", tooltip="The file written.")],
+            outputs=[io.String.Output("path", display_name="path", tooltip="The file written.")],
             is_output_node=True,
         )
 
@@ -76,12 +75,12 @@ class IPAKitLoadEmbeds(io.ComfyNode):
                 io.Combo.Input("embeds_file", options=embeds_files(),
                                tooltip=".safetensors (this kit) or .ipadpt (community pack) in the input folder, or "
                                        "saved embeds in output/ipadapter_kit_embeds."),
-                AdapterIO.Input("adapter", tooltip="The adapter to use them with; embeds of another variant are refused."),
+                Adapter.Input("adapter", tooltip="The adapter to use them with; embeds of another variant are refused."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Only for .ipadpt files of plus/full adapters: computes the neutral "
                                             "unconditional side."),
             ],
-            outputs=[EmbedsIO.Output(display_name="embeds", tooltip="Image tokens for the apply nodes.")],
+            outputs=[Embeds.Output("embeds", display_name="embeds", tooltip="Image tokens for the apply nodes.")],
         )
 
     @classmethod

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, logger
-from .reference import AdapterIO, EmbedsIO, clip_input, prep_inputs, unconditional_input
-
-WEIGHTS = "IPAKIT_WEIGHTS"
-WeightsIO = io.Custom(WEIGHTS)
+from .common import CATEGORY, Adapter, Embeds, logger
+from .reference import Weights, clip_input, prep_inputs, unconditional_input
 
 
 class IPAKitWeightSchedule(io.ComfyNode):
@@ -31,8 +28,8 @@ class IPAKitWeightSchedule(io.ComfyNode):
                 io.String.Input("custom", default="0, 1", tooltip="custom curve: weights spread evenly over "
                                 "start..end frame and interpolated, e.g. '0, 1, 0.5'."),
             ],
-            outputs=[WeightsIO.Output(display_name="frame_weights", tooltip="Per-frame weights for the apply node."),
-                     io.String.Output(display_name="text", tooltip="The weights as text, to check them.")],
+            outputs=[Weights.Output("frame_weights", display_name="frame_weights", tooltip="Per-frame weights for the apply node."),
+                     io.String.Output("text", display_name="text", tooltip="The weights as text, to check them.")],
         )
 
     @classmethod
@@ -53,7 +50,7 @@ class IPAKitEncodeFrames(io.ComfyNode):
             description="Unfold: reference i drives latent frame i (the last one repeats for later frames). "
                         "Encodes in chunks so hundreds of frames fit in memory.",
             inputs=[
-                AdapterIO.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
+                Adapter.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter needs."),
                 io.Image.Input("images", tooltip="One reference per latent frame (an IMAGE batch, e.g. a loaded video)."),
                 io.Int.Input("chunk_size", default=16, min=1, max=1024,
@@ -62,7 +59,7 @@ class IPAKitEncodeFrames(io.ComfyNode):
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Optional negative: one image for all frames, or one per frame."),
             ],
-            outputs=[EmbedsIO.Output(display_name="embeds", tooltip="Per-frame image tokens for IPAKitApply.")],
+            outputs=[Embeds.Output("embeds", display_name="embeds", tooltip="Per-frame image tokens for IPAKitApply.")],
         )
 
     @classmethod

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, FOLDER, logger
-from .reference import AdapterIO
+from .common import CATEGORY, FOLDER, Adapter, logger
 
 
 class IPAKitPresetLoader(io.ComfyNode):
@@ -23,9 +22,9 @@ class IPAKitPresetLoader(io.ComfyNode):
                                tooltip="light, standard, vit-G, plus, plus face, full face (the official h94 files)."),
             ],
             outputs=[
-                AdapterIO.Output(display_name="adapter", tooltip="The preset's adapter."),
-                io.ClipVision.Output(display_name="clip_vision", tooltip="The CLIP vision model it needs."),
-                io.String.Output(display_name="info", tooltip="Which files were loaded."),
+                Adapter.Output("adapter", display_name="adapter", tooltip="The preset's adapter."),
+                io.ClipVision.Output("clip_vision", display_name="clip_vision", tooltip="The CLIP vision model it needs."),
+                io.String.Output("info", display_name="info", tooltip="Which files were loaded."),
             ],
         )
 

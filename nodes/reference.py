@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .common import ADAPTER, CATEGORY, EMBEDS, clip_outputs_of_zero_pixels
+from .common import CATEGORY, clip_outputs_of_zero_pixels
 
-AdapterIO, EmbedsIO = io.Custom(ADAPTER), io.Custom(EMBEDS)
 CROP_TIP = ("How a non-square reference becomes a square: a square at center/top/bottom/left/right, pad to a "
             "square, or squash the whole image.")
 INTERP_TIP = "Resize filter: nearest, bilinear, bicubic (ComfyUI's default) or lanczos (sharpest for photos)."
@@ -83,7 +82,7 @@ class IPAKitPrepImage(io.ComfyNode):
             inputs=[io.Image.Input("image", tooltip="Reference image(s)."), *prep_inputs(),
                     io.Int.Input("size", default=224, min=16, max=1024, step=1,
                                  tooltip="Output side in pixels: 224 for the ViT-H/ViT-bigG encoders.")],
-            outputs=[io.Image.Output(display_name="image", tooltip="The prepared square image(s).")],
+            outputs=[io.Image.Output("image", display_name="image", tooltip="The prepared square image(s).")],
         )
 
     @classmethod
@@ -114,7 +113,7 @@ class IPAKitNoiseImage(io.ComfyNode):
                 io.Image.Input("reference", optional=True,
                                tooltip="Optional base image (resized); without it the noise starts from nothing."),
             ],
-            outputs=[io.Image.Output(display_name="image", tooltip="The noise image; connect it to image_negative.")],
+            outputs=[io.Image.Output("image", display_name="image", tooltip="The noise image; connect it to image_negative.")],
         )
 
     @classmethod
@@ -122,3 +121,38 @@ class IPAKitNoiseImage(io.ComfyNode):
         from ipa_train.reference.noise import noise_image
 
         return io.NodeOutput(noise_image(noise_type, width, height, strength, blur, seed, reference))
+
+
+Weights = io.Custom("IPAKIT_WEIGHTS")  # per-frame weights: a list of floats, frame i of the latent batch
+_HOST_CROPS = ("center", "squash", "pad")
+
+
+def encode_extra_inputs() -> list:
+    """The encode node's preparation and enhance inputs (appended after its original inputs)."""
+    from ipa_train.reference.prep import INTERPOLATIONS
+
+    return [
+        io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="bicubic", optional=True, tooltip=INTERP_TIP),
+        io.Float.Input("sharpening", default=0.0, min=0.0, max=2.0, step=0.05, optional=True, tooltip=SHARP_TIP),
+        io.Int.Input("enhance_tiles", default=1, min=1, max=8, optional=True,
+                     tooltip="Plus adapters: also encode an N x N split of the image and mix the tiles' detail into "
+                             "the hidden states (1 = off)."),
+        io.Float.Input("enhance_ratio", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="Share of the whole image against the tiles' mosaic (1 = whole image only)."),
+    ]
+
+
+def uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio) -> bool:
+    """True when the options are the encode node's original ones: ComfyUI's own preprocessing, same results as before."""
+    return crop in _HOST_CROPS and interpolation == "bicubic" and sharpening == 0 and (enhance_tiles <= 1 or enhance_ratio >= 1)
+
+
+def encode_prepared(adapter, clip_vision, image, combine="concat", crop="center", image_negative=None,
+                    interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0):
+    """ImageEmbeds with ipa_train's preparation (crop position, filter, sharpening) and the optional tile enhance."""
+    from ipa_train.hosts.comfy_patch import encode_embeds
+
+    cond = clip_input(adapter, clip_vision, image, crop, interpolation, sharpening, enhance_tiles, enhance_ratio)
+    adapter.check_clip_input(cond, source="CLIP vision model's output")
+    uncond = unconditional_input(adapter, clip_vision, image_negative, (crop, interpolation, sharpening))
+    return encode_embeds(adapter, cond, uncond, combine)

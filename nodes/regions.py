@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY
-from .reference import AdapterIO, EmbedsIO
+from .common import CATEGORY, Adapter, Embeds
 
 _MODES = ["scaled", "fused"]
 
@@ -20,8 +19,8 @@ class IPAKitRegion(io.ComfyNode):
                         "conditionings with Conditioning (Combine)).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (or the output of another region)."),
-                AdapterIO.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
-                EmbedsIO.Input("embeds", tooltip="This region's reference, from IPAKitEncodeImage."),
+                Adapter.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
+                Embeds.Input("embeds", tooltip="This region's reference, from IPAKitEncodeImage."),
                 io.Mask.Input("mask", tooltip="Where the reference acts (white); resized to the latent."),
                 io.Float.Input("weight", default=0.8, min=-1.0, max=5.0, step=0.05, tooltip="Strength inside the mask."),
                 io.Combo.Input("mode", options=_MODES, default="scaled", tooltip="scaled or fused (see IPAKitApply)."),
@@ -34,9 +33,9 @@ class IPAKitRegion(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Optional negative prompt for this region only."),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with this region's image prompt."),
-                io.Conditioning.Output(display_name="positive", tooltip="The positive masked to the region (None if not given)."),
-                io.Conditioning.Output(display_name="negative", tooltip="The negative masked to the region (None if not given)."),
+                io.Model.Output("model", display_name="model", tooltip="The model with this region's image prompt."),
+                io.Conditioning.Output("positive", display_name="positive", tooltip="The positive masked to the region (None if not given)."),
+                io.Conditioning.Output("negative", display_name="negative", tooltip="The negative masked to the region (None if not given)."),
             ],
         )
 

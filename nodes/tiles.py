@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, logger
-from .reference import INTERP_TIP, SHARP_TIP, AdapterIO, clip_input, unconditional_input
+from .common import CATEGORY, Adapter, logger
+from .reference import INTERP_TIP, SHARP_TIP, clip_input, unconditional_input
 
 _MODES = ["scaled", "fused"]
 
@@ -21,7 +21,7 @@ class IPAKitApplyTiled(io.ComfyNode):
                         "(the reference laid over the latent), so nothing of a wide or tall reference is cropped away.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch."),
-                AdapterIO.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
+                Adapter.Input("adapter", tooltip="From IPAKitLoadAdapter or IPAKitPresetLoader."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter needs."),
                 io.Image.Input("image", tooltip="One reference image, any size and aspect."),
                 io.Float.Input("weight", default=0.8, min=-1.0, max=5.0, step=0.05, tooltip="Strength of every tile."),
@@ -36,9 +36,9 @@ class IPAKitApplyTiled(io.ComfyNode):
                 io.Image.Input("image_negative", optional=True, tooltip="Optional negative image for every tile."),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with one masked application per tile."),
-                io.Image.Output(display_name="tiles", tooltip="The square tiles as the encoder sees them."),
-                io.Mask.Output(display_name="masks", tooltip="Each tile's mask over the latent (reference resolution)."),
+                io.Model.Output("model", display_name="model", tooltip="The model with one masked application per tile."),
+                io.Image.Output("tiles", display_name="tiles", tooltip="The square tiles as the encoder sees them."),
+                io.Mask.Output("masks", display_name="masks", tooltip="Each tile's mask over the latent (reference resolution)."),
             ],
         )
 

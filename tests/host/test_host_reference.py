@@ -11,7 +11,10 @@ from ipa_train.errors import IPAKitError
 from ipa_train.hosts.comfy_patch import encode_embeds
 from ipa_train.hosts.frames import encode_per_frame
 
-from .test_host_patch import _adapter, _eps, models  # noqa: F401  (module fixture reused)
+from . import test_host_patch as _patch
+
+models = _patch.models  # the real-UNet fixture of the patch tests
+_adapter, _eps = _patch._adapter, _patch._eps
 
 
 def _mod(kit, name):
@@ -22,7 +25,7 @@ def _frames_case(unet, n=3, seed=5):
     adapter = _adapter(unet, "plain")
     g = torch.Generator().manual_seed(seed)
     clip = torch.randn(n, 1024, generator=g)
-    x = torch.randn(n, 4, 16, 16, generator=g)
+    x = torch.randn(n, 4, 8, 8, generator=g)  # small latents keep the full-size UNet quick on CPU
     ctx = torch.randn(1, 77, 768, generator=g)
     return adapter, clip, x, ctx
 
@@ -31,9 +34,8 @@ def _batch_gap(patcher, x, ctx, t):
     """The unpatched model's own difference between one batched call and per-row calls (kernel order only)."""
     n = x.shape[0]
     batched = _eps(patcher, torch.cat([x, x]), t.repeat(2 * n), ctx.expand(2 * n, -1, -1), [0, 1])
-    single = torch.cat([_eps(patcher, torch.cat([x[i : i + 1]] * 2), t.repeat(2), ctx.expand(2, -1, -1), [0, 1])[:1]
-                        for i in range(n)])
-    return (batched[:n] - single).abs().max().item()
+    single = _eps(patcher, torch.cat([x[:1]] * 2), t.repeat(2), ctx.expand(2, -1, -1), [0, 1])
+    return (batched[[0, n]] - single).abs().max().item()
 
 
 def test_unfolded_batch_gives_latent_i_the_prediction_of_reference_i(models, kit):
@@ -164,5 +166,5 @@ def test_tiled_apply_masks_cover_the_latent_once(models, kit):
     assert torch.equal(masks.sum(0), torch.ones(64, 160)) and all(s == (1, 224, 224, 3) for s in cv.seen)
     entries = model.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)].entries
     assert len(entries) == 3
-    x, t, ctx = torch.randn(2, 4, 8, 20), torch.tensor([500, 500]), torch.randn(2, 77, 768)
+    x, t, ctx = torch.randn(2, 4, 8, 16), torch.tensor([500, 500]), torch.randn(2, 77, 768)
     assert (_eps(model, x, t, ctx, [0, 1]) - _eps(patcher, x, t, ctx, [0, 1])).abs().max() > 1e-4
