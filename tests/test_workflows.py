@@ -90,8 +90,6 @@ def widget_errors(node: dict, spec: dict) -> list[str]:
             if not _is_widget(decl):
                 continue
             if i >= len(values):
-                if section == "optional":  # inputs appended later: the frontend gives an older workflow their defaults
-                    return errors
                 return errors + [f"{node_type}: no value for widget {name!r}"]
             if err := _check_value(node_type, name, decl, values[i]):
                 errors.append(err)
