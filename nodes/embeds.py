@@ -53,8 +53,7 @@ class IPAKitSaveEmbeds(io.ComfyNode):
         from ipa_train.adapter.embeds_file import write_embeds
         from ipa_train.errors import IPAKitError
 
-        if tuple(embeds.cond.shape[1:]) != (embeds.cond.shape[1], adapter.config.cross_attention_dim) \
-                or embeds.variant != adapter.config.variant:
+        if embeds.cond.shape[-1] != adapter.config.cross_attention_dim or embeds.variant != adapter.config.variant:
             raise IPAKitError(f"these embeds ({embeds.variant}, width {embeds.cond.shape[-1]}) were not made with the "
                               f"connected {adapter.config.variant} adapter; connect the adapter that encoded them")
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())

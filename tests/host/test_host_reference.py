@@ -55,8 +55,8 @@ def test_unfolded_batch_gives_latent_i_the_prediction_of_reference_i(models, kit
         assert (batch[i] - batch[(i + 1) % 3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("host", ["comfy_context_window", "animatediff_sub_idxs"])
-def test_a_sampler_window_gets_its_frames_references(models, kit, host):
+def test_a_sampler_window_gets_its_frames_references(models, kit):
+    """ComfyUI's context windows and AnimateDiff-Evolved's sub-batches: the window's rows get their frames' references."""
     from comfy.context_windows import IndexListContextWindow
 
     apply_mod = _mod(kit, "apply")
@@ -65,16 +65,18 @@ def test_a_sampler_window_gets_its_frames_references(models, kit, host):
     t = torch.tensor([600])
     unfolded = apply_mod.apply(patcher, adapter, encode_per_frame(adapter, [clip], torch.zeros(1, 1024)), "scaled", 1.0)
     idx = [3, 1]
-    if host == "comfy_context_window":
-        extra = {"context_window": IndexListContextWindow(idx, dim=0, total_frames=4)}
-    else:
-        extra = {"ad_params": {"full_length": 4, "context_length": 2, "sub_idxs": idx}}
-    unfolded.model_options["transformer_options"].update(extra)
-    window = _eps(unfolded, torch.cat([x[idx]] * 2), t.repeat(4), ctx.expand(4, -1, -1), [0, 1])
-    for pos, frame in enumerate(idx):
+    refs = []
+    for frame in idx:
         ref_model = apply_mod.apply(patcher, adapter, encode_embeds(adapter, clip[frame : frame + 1], torch.zeros(1, 1024)), "scaled", 1.0)
-        ref = _eps(ref_model, torch.cat([x[frame : frame + 1]] * 2), t.repeat(2), ctx.expand(2, -1, -1), [0, 1])
-        torch.testing.assert_close(window[[pos, pos + 2]], ref, rtol=0, atol=1e-4)
+        refs.append(_eps(ref_model, torch.cat([x[frame : frame + 1]] * 2), t.repeat(2), ctx.expand(2, -1, -1), [0, 1]))
+    hosts = {"comfy_context_window": {"context_window": IndexListContextWindow(idx, dim=0, total_frames=4)},
+             "animatediff_sub_idxs": {"ad_params": {"full_length": 4, "context_length": 2, "sub_idxs": idx}}}
+    for host, extra in hosts.items():
+        windowed = unfolded.clone()
+        windowed.model_options["transformer_options"].update(extra)
+        window = _eps(windowed, torch.cat([x[idx]] * 2), t.repeat(4), ctx.expand(4, -1, -1), [0, 1])
+        for pos in range(len(idx)):
+            torch.testing.assert_close(window[[pos, pos + 2]], refs[pos], rtol=0, atol=1e-4, msg=host)
 
 
 def test_saved_and_loaded_embeds_predict_like_encoding_again(models, kit, tmp_path):
@@ -168,3 +170,41 @@ def test_tiled_apply_masks_cover_the_latent_once(models, kit):
     assert len(entries) == 3
     x, t, ctx = torch.randn(2, 4, 8, 16), torch.tensor([500, 500]), torch.randn(2, 77, 768)
     assert (_eps(model, x, t, ctx, [0, 1]) - _eps(patcher, x, t, ctx, [0, 1])).abs().max() > 1e-4
+
+
+class _RecordingClipVision(_FakeClipVision):
+    """Also records the crop flag: prepared images must reach the encoder at its size, with no second crop."""
+
+    def encode_image(self, image, crop=True):
+        self.seen.append(("crop", crop))
+        pooled = image.mean(dim=(1, 2)) @ self.proj  # [N, 1024]
+        g = torch.Generator().manual_seed(1)
+        patches = torch.randn(257, 1280, generator=g)
+        hidden = patches[None] * image.flatten(1).std(dim=1).view(-1, 1, 1) + image.mean(dim=(1, 2, 3)).view(-1, 1, 1)
+        return {"image_embeds": pooled, "penultimate_hidden_states": hidden}
+
+
+def test_encode_node_prep_options_and_enhance(models, kit):
+    apply_mod, ref_mod = _mod(kit, "apply"), _mod(kit, "reference")
+    unet, _ = models
+    plus = _adapter(unet, "plus")
+    image = torch.rand(1, 90, 150, 3, generator=torch.Generator().manual_seed(3))
+    cv = _RecordingClipVision()
+    neg = image[:, :50, :50]  # a negative keeps the fake encoder away from the zero-pixel call
+    default = apply_mod.IPAKitEncodeImage.execute(plus, cv, image, "concat", "center", neg).result[0]
+    assert ("crop", True) in cv.seen  # the original options keep ComfyUI's own preprocessing
+    cv.seen.clear()
+    left = apply_mod.IPAKitEncodeImage.execute(plus, cv, image, "concat", "left", neg, "lanczos", 0.5).result[0]
+    assert cv.seen and all(s == ("crop", False) for s in cv.seen if s[0] == "crop")
+    assert not torch.allclose(left.cond, default.cond)
+    whole = ref_mod.encode_prepared(plus, cv, image, "concat", "right", neg)
+    same = ref_mod.encode_prepared(plus, cv, image, "concat", "right", neg, enhance_tiles=3, enhance_ratio=1.0)
+    mixed = ref_mod.encode_prepared(plus, cv, image, "concat", "right", neg, enhance_tiles=3, enhance_ratio=0.5)
+    assert torch.equal(whole.cond, same.cond) and not torch.allclose(whole.cond, mixed.cond)
+    prepped = ref_mod.IPAKitPrepImage.execute(image, "bottom", "nearest", 0.0, 64).result[0]
+    assert prepped.shape == (1, 64, 64, 3)
+    noise1 = ref_mod.IPAKitNoiseImage.execute("shuffle", 0.7, 1.0, 11, 32, 48, image).result[0]
+    noise2 = ref_mod.IPAKitNoiseImage.execute("shuffle", 0.7, 1.0, 11, 32, 48, image).result[0]
+    assert noise1.shape == (1, 48, 32, 3) and torch.equal(noise1, noise2)
+    weights, text = _mod(kit, "frames").IPAKitWeightSchedule.execute(5, "linear", 0.0, 1.0).result
+    assert weights == [0.0, 0.25, 0.5, 0.75, 1.0] and text.startswith("0.000, 0.250")
