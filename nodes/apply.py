@@ -14,10 +14,11 @@ from .common import (
     host_text_attention,
     logger,
 )
+from .reference import Weights, encode_extra_inputs  # issue 10
 
 MODES = ["scaled", "fused"]
 LAYERS = ["all", "style", "composition", "custom"]
-CROPS = ["center", "squash", "pad"]
+CROPS = ["center", "squash", "pad", "top", "bottom", "left", "right"]  # issue 10: crop positions appended
 COMBINE = ["concat", "average"]
 
 _MODE_TIP = ("scaled: text attention + weight x image attention (the original IP-Adapter). "
@@ -65,8 +66,11 @@ def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", c
 
 def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fusion_lambda: float = 0.8,
           start_at: float = 0.0, end_at: float = 1.0, layers: str = "all", layer_weights: str = "",
-          attn_mask: torch.Tensor | None = None):
-    """Clone `model` and patch every cross-attention layer with `adapter`'s image attention."""
+          attn_mask: torch.Tensor | None = None, frame_weights: list[float] | None = None):
+    """Clone `model` and patch every cross-attention layer with `adapter`'s image attention.
+
+    Per-frame embeds (IPAKitEncodeFrames) drive latent i with reference i; `frame_weights` scale frame i.
+    """
     from comfy.patcher_extension import WrappersMP
 
     from ipa_train.adapter.layout import (
@@ -87,7 +91,7 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     app = AdapterApplication(
         adapter, embeds, [weight * m for m in multipliers],
         sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
-        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda,
+        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, frame_weights=frame_weights,  # issue 10: per-frame weights
     )
     m = model.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
@@ -122,14 +126,21 @@ class IPAKitEncodeImage(io.ComfyNode):
                                tooltip="How a non-square image becomes 224x224: center crop, squash, or pad to a square."),
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Optional negative reference: used for the unconditional side instead of the neutral one."),
+                *encode_extra_inputs(),  # issue 10: appended, so saved workflows keep their widget values
             ],
             outputs=[Embeds.Output("embeds", display_name="embeds",
                                    tooltip="Conditional and unconditional image tokens, for IPAKitApply.")],
         )
 
     @classmethod
-    def execute(cls, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None) -> io.NodeOutput:
-        return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative))
+    def execute(cls, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None,
+                interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0) -> io.NodeOutput:
+        from .reference import encode_prepared, uses_host_preprocessing
+
+        if uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio):
+            return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative))
+        return io.NodeOutput(encode_prepared(adapter, clip_vision, image, combine, crop, image_negative, interpolation,
+                                             sharpening, enhance_tiles, enhance_ratio))
 
 
 class IPAKitApply(io.ComfyNode):
@@ -158,15 +169,17 @@ class IPAKitApply(io.ComfyNode):
                                         "e.g. '0:1.0, 6:0.5'; unlisted layers get 0."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional mask: the image prompt acts only where the mask is white."),
+                Weights.Input("frame_weights", optional=True,  # issue 10
+                              tooltip="Optional per-frame weights from IPAKitWeightSchedule (frame i of the latent batch)."),
             ],
             outputs=[model_output("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.")],
         )
 
     @classmethod
     def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
-                layers="all", layer_weights="", attn_mask=None) -> io.NodeOutput:
+                layers="all", layer_weights="", attn_mask=None, frame_weights=None) -> io.NodeOutput:
         return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
-                                   layer_weights, attn_mask))
+                                   layer_weights, attn_mask, frame_weights))
 
 
 class IPAKitApplySimple(io.ComfyNode):
