@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -135,3 +136,33 @@ def test_adapter_learns_the_reference_colour(backbone, tmp_path):
     baseline = transfer_accuracy(backbone, result.adapter, n=48, weight=0.0)
     assert learned >= 0.8, (learned, baseline)
     assert baseline <= 0.35, (learned, baseline)
+
+
+def test_demo_writes_grid_samples_and_report(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ipa_train.adapter.formats import load_adapter
+
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "ipa_train", "demo", "--output", str(out), "--steps", "6", "--seeds", "1"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    load_adapter(out / "shapes-colour-ip-adapter.safetensors")
+    assert Image.open(out / "grid.png").size[0] > 300 and (out / "loss.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    samples = report["samples"]
+    assert len(samples) == 8 * 3  # 8 reference colours x (no adapter, scaled, fused) x 1 seed
+    for s in samples:
+        assert (out / s["file"]).is_file() and (out / s["reference"]).is_file()
+        ref = torch.from_numpy(np.array(Image.open(out / s["reference"]).convert("RGB"))).permute(2, 0, 1) / 255
+        assert read(ref).colour == s["reference_colour"]
+        assert {"prompt", "mode", "weight", "lambda", "seed", "oracle", "reference_shape"} <= set(s)
+        assert s["reference_colour"] not in s["prompt"]
+    assert {s["weight"] for s in samples if s["column"] == "no adapter"} == {0.0}
+    assert set(report["accuracy_reference_colour"]) == {"no adapter", "scaled", "fused"}
+    for column, acc in report["accuracy_reference_colour"].items():
+        assert f"{column:<11} {acc:6.1%}" in r.stdout
