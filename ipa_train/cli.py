@@ -132,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     steps = args.steps if args.steps is not None else (120 if args.random_backbone else 400)
     result = run_demo(args.output, steps=steps, seed=args.seed, seeds=args.seeds, random_backbone=args.random_backbone,
-                      sample_steps=args.sample_steps)
+                      sample_steps=args.sample_steps, threads=args.threads)
     _out(f"adapter:   {result.adapter}")
     _out(f"loss plot: {result.loss_plot}")
     if args.random_backbone:
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--random-backbone", action="store_true",
                    help="former smoke run: tiny random backbone on the embedded photos (checks plumbing, not quality)")
     s.add_argument("--sample-steps", type=int, default=12, help="DDIM steps per sample with --random-backbone (default: 12)")
+    s.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for the toy demo (default 1: its operations are too small to gain from more)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
 

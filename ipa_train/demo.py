@@ -120,7 +120,8 @@ def _sample_and_report(backbone: Any, adapter: Any, out: Path, seeds: int) -> tu
 
 
 def run_demo(output_dir: str | Path = "demo_output", steps: int = 400, seed: int = 0, seeds: int = 4,
-             batch_size: int = 16, random_backbone: bool = False, sample_steps: int = 12) -> DemoResult:
+             batch_size: int = 16, random_backbone: bool = False, sample_steps: int = 12,
+             threads: int = 1) -> DemoResult:
     """Train a colour-carrying adapter on the shapes world with the shipped toy model; sample and report.
 
     Writes `<name>.safetensors`, `loss.png`, `grid.png`, `samples/*.png`, `references/*.png` and `report.json`.
@@ -130,14 +131,24 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int = 400, seed: int
         seeds: seeds per reference and column (8 references, 3 columns).
         random_backbone: run the former smoke demo instead (tiny random backbone, embedded photos).
         sample_steps: DDIM steps per sample of the random-backbone demo.
+        threads: torch CPU threads while the toy demo runs. The toy model's operations are too small to gain
+            from more than one, and a second thread that has to wait for a busy core makes them many times slower.
     """
     if random_backbone:
         return run_random_demo(output_dir, steps=steps, seed=seed, sample_steps=sample_steps)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_toy_demo(Path(output_dir), steps, seed, seeds, batch_size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_toy_demo(out: Path, steps: int, seed: int, seeds: int, batch_size: int) -> DemoResult:
     from .toy.experiment import train_world_adapter
     from .toy.model import toy_backbone
 
     started = time.perf_counter()
-    out = Path(output_dir)
     backbone = toy_backbone()
     with tempfile.TemporaryDirectory() as tmp:
         result = train_world_adapter(backbone, tmp, attribute="colour", projection="plain", steps=steps,

@@ -16,6 +16,15 @@ from ipa_train.toy.oracle import accuracy, read, read_batch
 LEARNING_STEPS = 200  # plain adapter, batch 16: reaches the bar with a margin (see README, "The shapes world")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy model's operations are too small for a second thread, which only waits when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def backbone():
     return toy_backbone()
