@@ -1,9 +1,9 @@
 """The toy base model of the shapes world: components, one-file save/load, and the `DiffusersBackbone` over it.
 
 Components (by the names `DiffusersBackbone(components=...)` takes):
-    * unet: a diffusers `UNet2DConditionModel` on 16x16x12 "latents", cross-attention only at 8x8 and 4x4
+    * unet: a diffusers `UNet2DConditionModel` on 8x8x48 "latents", cross-attention at 8x8 and 4x4
       (pretrained on the world by `ipa_train.toy.pretrain`);
-    * vae: `PixelUnshuffleVAE`, a parameter-free exact stand-in: 32x32 RGB <-> 16x16x12 by pixel-(un)shuffle;
+    * vae: `PixelUnshuffleVAE`, a parameter-free exact stand-in: 32x32 RGB <-> 8x8x48 by pixel-(un)shuffle by 4;
     * text_encoder: a random `CLIPTextModel`; tokenizer: a word-level tokenizer over the world's vocabulary;
     * scheduler: `DDPMScheduler` (cosine betas, v-prediction: robust sampling from a small model);
     * image_encoder: a random `CLIPVisionModelWithProjection` at the real 224 px input.
@@ -67,10 +67,10 @@ class _LatentDist:
 
 
 class PixelUnshuffleVAE(nn.Module):
-    """Exact, parameter-free VAE stand-in: images [B, 3, H, W] in [-1, 1] <-> latents [B, 12, H/2, W/2].
+    """Exact, parameter-free VAE stand-in: images [B, 3, H, W] in [-1, 1] <-> latents [B, 48, H/4, W/4].
 
     `config` mimics `AutoencoderKL.config` where the training and sampling code reads it (scaling factor 1;
-    `block_out_channels` of length 2 means a downscale of 2).
+    `block_out_channels` of length 3 means a downscale of 2**2 = 4, as `generate` computes it).
     """
 
     def __init__(self) -> None:
@@ -151,7 +151,7 @@ def load_components(path: str | os.PathLike = SHIPPED) -> dict[str, Any]:
         if meta.get("format") != FORMAT:
             raise IPAKitError(f"{path} is not a toy shapes model (metadata format {meta.get('format')!r}, "
                               f"expected {FORMAT!r}); rebuild it with `python scripts/build_toy_model.py`")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     components = build_components(json.loads(meta["configs"]))
     for name in _WEIGHTED:
         prefix = f"{name}."

@@ -157,7 +157,8 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
             recent = losses[-config.log_every:]
             logger.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, config.steps, sum(recent) / len(recent),
                         (time.perf_counter() - started) / (step + 1))
-        if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0 < config.steps - step - 1:
+        last = step + 1 == config.steps
+        if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0 and not last:
             _save_ema(Path(checkpoint_dir) / f"step{step + 1:06d}.safetensors", parts, ema, configs,
                       {"steps": step + 1, "config": asdict(config)})
     info = {"steps": config.steps, "config": asdict(config), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
