@@ -341,7 +341,7 @@ def test_convert_cli_on_reference_accelerate_checkpoint(tmp_path):
 
 
 def test_demo_command_end_to_end(tmp_path):
-    r = _run("demo", "--output", str(tmp_path / "demo"), "--steps", "12", "--sample-steps", "3")
+    r = _run("demo", "--random-backbone", "--output", str(tmp_path / "demo"), "--steps", "12", "--sample-steps", "3")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "demo"
     adapter = load_adapter(out / "demo-ip-adapter.safetensors")

@@ -1,1 +1,2 @@
-"""The toy world: tiny models built offline for demos and tests."""
+"""The toy worlds: tiny random SD-architecture models (`tiny`) for plumbing tests, and the shapes world
+(`world`, `oracle`, `model`, `pretrain`, `experiment`, `grid`) where training can be measured on a CPU."""
