@@ -162,3 +162,12 @@ def layer_plans(sites: list[Site], family: str, weight_type: str = "linear", wei
 def uses_second_image(weight_type: str) -> bool:
     """Whether some layer of this type reads the composition image (route "alt")."""
     return weight_type in ("style and composition", "strong style and composition")
+
+
+def application_plans(sites: list[Site], family: str, weight_type: str = "linear", weight: float = 1.0,
+                      second: float | None = None, layers: str = "all", custom: str = "") -> list[LayerPlan]:
+    """The weight type's plans times the `layers` preset (or custom per-layer string) multipliers."""
+    from .layout import layer_multipliers
+
+    multipliers = layer_multipliers(sites, family, layers, custom)
+    return [LayerPlan(p.weight * m, p.route) for p, m in zip(layer_plans(sites, family, weight_type, weight, second), multipliers)]
