@@ -14,6 +14,7 @@ from ipa_train.adapter.layout import known_sites
 
 from ..factories import random_adapter
 
+
 @pytest.mark.parametrize("projection", ["plain", "plus"])
 def test_kit_file_with_fusion_weights_loads_in_community_pack(cubiq, tmp_path, projection):
     utils, plus_mod = cubiq

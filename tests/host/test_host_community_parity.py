@@ -24,9 +24,9 @@ from .conftest import tiny_comfy_model
 from .test_host_patch import _eps
 
 # fp32 on both sides; the two packs order the same float operations differently (our K/V are projected once per
-# apply, theirs per call; the weight enters before or after the attention), which moves eps (magnitude ~1) by
-# up to 4.1e-6 here (measured over all cases). A wrong layer multiplier or route moves it by > 1e-3 (checked below: every case differs from the
-# unpatched model by more than that).
+# apply, theirs per call; the weight enters before or after the attention), which moved eps (magnitude ~1) by at
+# most 4.1e-6 over all cases here. A wrong layer multiplier or route moves it by > 1e-3 (every case is checked to
+# differ from the unpatched model by more than that).
 ATOL = 2e-5
 WEIGHT, SECOND = 0.8, 0.6
 
