@@ -1,5 +1,8 @@
-"""ComfyUI IP-Adapter Kit: registration only. The nodes live in `nodes/`, the host-free library in `ipa_train/`."""
+"""ComfyUI IP-Adapter Kit: registration only. The nodes live in `nodes/`, the host-free library in `ipa_train/`.
 
+ComfyUI (V3 node API) calls `comfy_entrypoint`; nothing else registers nodes, so importing this package outside
+ComfyUI (tests, tools) is harmless.
+"""
 
 import os
 import sys
@@ -10,17 +13,15 @@ WEB_DIRECTORY = "./web"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-try:
-    import folder_paths  # noqa: F401  (present only inside ComfyUI)
-except ImportError:  # imported outside ComfyUI (tests, tools): nothing to register
-    folder_paths = None
 
-if folder_paths is not None:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_folders
+async def comfy_entrypoint():
+    """-> the pack's ComfyExtension (its node list); registers the `ipadapter` model folder first."""
+    from .nodes import IPAKitExtension
+    from .nodes.folders import register_folders
 
     register_folders()
+    return IPAKitExtension()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

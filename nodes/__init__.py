@@ -1,31 +1,30 @@
-"""ComfyUI node layer: translates ComfyUI types into `ipa_train` calls. No math lives here."""
+"""ComfyUI node layer (V3 schema): translates ComfyUI types into `ipa_train` calls. No math lives here.
+
+Importing this package needs ComfyUI (`comfy_api`); the pack's `__init__.py` imports it only from `comfy_entrypoint`.
+"""
+
+from comfy_api.latest import ComfyExtension, io
 
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
-from .common import register_folders
 from .evaluate import IPAKitEvaluate, IPAKitWeightSweep
 from .loaders import IPAKitLoadAdapter
 from .train import IPAKitDataset, IPAKitTrain
 
-NODE_CLASS_MAPPINGS = {
-    "IPAKitLoadAdapter": IPAKitLoadAdapter,
-    "IPAKitEncodeImage": IPAKitEncodeImage,
-    "IPAKitApply": IPAKitApply,
-    "IPAKitApplySimple": IPAKitApplySimple,
-    "IPAKitDataset": IPAKitDataset,
-    "IPAKitTrain": IPAKitTrain,
-    "IPAKitEvaluate": IPAKitEvaluate,
-    "IPAKitWeightSweep": IPAKitWeightSweep,
-}
+NODES: list[type[io.ComfyNode]] = [
+    IPAKitLoadAdapter,
+    IPAKitEncodeImage,
+    IPAKitApply,
+    IPAKitApplySimple,
+    IPAKitDataset,
+    IPAKitTrain,
+    IPAKitEvaluate,
+    IPAKitWeightSweep,
+]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "IPAKitLoadAdapter": "Load IP-Adapter (Kit)",
-    "IPAKitEncodeImage": "Encode Reference Image (Kit)",
-    "IPAKitApply": "Apply IP-Adapter (Kit)",
-    "IPAKitApplySimple": "Apply IP-Adapter Simple (Kit)",
-    "IPAKitDataset": "IP-Adapter Training Dataset (Kit)",
-    "IPAKitTrain": "Train IP-Adapter (Kit)",
-    "IPAKitEvaluate": "Evaluate IP-Adapter Images (Kit)",
-    "IPAKitWeightSweep": "IP-Adapter Weight Sweep (Kit)",
-}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "register_folders"]
+class IPAKitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+__all__ = ["NODES", "IPAKitExtension"]

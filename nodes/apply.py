@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 
-from .common import ADAPTER, CATEGORY, EMBEDS, clip_outputs, clip_outputs_of_zero_pixels, host_text_attention, logger
+from .common import (
+    CATEGORY,
+    Adapter,
+    Embeds,
+    clip_outputs,
+    clip_outputs_of_zero_pixels,
+    host_text_attention,
+    logger,
+)
 
 MODES = ["scaled", "fused"]
 LAYERS = ["all", "style", "composition", "custom"]
@@ -15,11 +24,24 @@ _MODE_TIP = ("scaled: text attention + weight x image attention (the original IP
              "fused: the image tokens first attend to your prompt and are mixed with weight lambda, "
              "which keeps more of the text and raises diversity.")
 _WEIGHT_TIP = "Strength of the image prompt. 0 leaves the model unchanged; 0.5-0.8 keeps more of the text."
-_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5 or SDXL, matching the adapter)."})
-_ADAPTER_IN = (ADAPTER, {"tooltip": "From IPAKitLoadAdapter."})
-_CLIP_VISION_IN = ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter needs (the loader's info says which)."})
 _LAMBDA_TIP = ("Fused mode only: share of the raw image tokens (1 = same as scaled mode; lower = more prompt "
                "in the image tokens, more diversity). 0.8 is the published inference value.")
+
+
+def model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip="The diffusion model to patch (SD1.5 or SDXL, matching the adapter).")
+
+
+def adapter_input() -> io.Input:
+    return Adapter.Input("adapter", tooltip="From IPAKitLoadAdapter.")
+
+
+def clip_vision_input() -> io.ClipVision.Input:
+    return io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter needs (the loader's info says which).")
+
+
+def model_output(tooltip: str) -> io.Model.Output:
+    return io.Model.Output("model", display_name="model", tooltip=tooltip)
 
 
 def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", crop: str = "center",
@@ -82,86 +104,90 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     return m
 
 
-class IPAKitEncodeImage:
-    DESCRIPTION = "Encodes reference image(s) with CLIP vision and the adapter's projection model into image tokens."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeds",)
-    OUTPUT_TOOLTIPS = ("Conditional and unconditional image tokens, for IPAKitApply.",)
-    FUNCTION = "run"
+class IPAKitEncodeImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IPAKitEncodeImage",
+            display_name="Encode Reference Image (Kit)",
+            category=CATEGORY,
+            description="Encodes reference image(s) with CLIP vision and the adapter's projection model into image tokens.",
+            inputs=[
+                adapter_input(),
+                clip_vision_input(),
+                io.Image.Input("image", tooltip="Reference image. A batch means several references, combined as below."),
+                io.Combo.Input("combine", options=COMBINE, default="concat",
+                               tooltip="Several references: concat keeps every image's tokens; average merges them into one."),
+                io.Combo.Input("crop", options=CROPS, default="center",
+                               tooltip="How a non-square image becomes 224x224: center crop, squash, or pad to a square."),
+                io.Image.Input("image_negative", optional=True,
+                               tooltip="Optional negative reference: used for the unconditional side instead of the neutral one."),
+            ],
+            outputs=[Embeds.Output("embeds", display_name="embeds",
+                                   tooltip="Conditional and unconditional image tokens, for IPAKitApply.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "adapter": _ADAPTER_IN,
-                "clip_vision": _CLIP_VISION_IN,
-                "image": ("IMAGE", {"tooltip": "Reference image. A batch means several references, combined as below."}),
-                "combine": (COMBINE, {"default": "concat", "tooltip": "Several references: concat keeps every image's tokens; average merges them into one."}),
-                "crop": (CROPS, {"default": "center", "tooltip": "How a non-square image becomes 224x224: center crop, squash, or pad to a square."}),
-            },
-            "optional": {
-                "image_negative": ("IMAGE", {"tooltip": "Optional negative reference: used for the unconditional side instead of the neutral one."}),
-            },
-        }
-
-    def run(self, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None):
-        return (encode(adapter, clip_vision, image, combine, crop, image_negative),)
+    def execute(cls, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None) -> io.NodeOutput:
+        return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative))
 
 
-class IPAKitApply:
-    DESCRIPTION = "Patches every cross-attention layer of the model with image attention (scaled or fused mode)."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.",)
-    FUNCTION = "run"
+class IPAKitApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IPAKitApply",
+            display_name="Apply IP-Adapter (Kit)",
+            category=CATEGORY,
+            description="Patches every cross-attention layer of the model with image attention (scaled or fused mode).",
+            inputs=[
+                model_input(),
+                adapter_input(),
+                Embeds.Input("embeds", tooltip="From IPAKitEncodeImage."),
+                io.Combo.Input("mode", options=MODES, default="scaled", tooltip=_MODE_TIP),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05, tooltip=_WEIGHT_TIP),
+                io.Float.Input("fusion_lambda", default=0.8, min=0.0, max=1.0, step=0.05, tooltip=_LAMBDA_TIP),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule where the image prompt starts."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule where the image prompt stops."),
+                io.Combo.Input("layers", options=LAYERS, default="all",
+                               tooltip="all layers; style only; composition only (SD1.5/SDXL presets); or custom (the string below)."),
+                io.String.Input("layer_weights", default="", multiline=False,
+                                tooltip="custom layers: 'index:weight' pairs by transformer index (execution order), "
+                                        "e.g. '0:1.0, 6:0.5'; unlisted layers get 0."),
+                io.Mask.Input("attn_mask", optional=True,
+                              tooltip="Optional mask: the image prompt acts only where the mask is white."),
+            ],
+            outputs=[model_output("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": _MODEL_IN,
-                "adapter": _ADAPTER_IN,
-                "embeds": (EMBEDS, {"tooltip": "From IPAKitEncodeImage."}),
-                "mode": (MODES, {"default": "scaled", "tooltip": _MODE_TIP}),
-                "weight": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": _WEIGHT_TIP}),
-                "fusion_lambda": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": _LAMBDA_TIP}),
-                "start_at": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the schedule where the image prompt starts."}),
-                "end_at": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Fraction of the schedule where the image prompt stops."}),
-                "layers": (LAYERS, {"default": "all", "tooltip": "all layers; style only; composition only (SD1.5/SDXL presets); or custom (the string below)."}),
-                "layer_weights": ("STRING", {"default": "", "multiline": False, "tooltip": "custom layers: 'index:weight' pairs by transformer index (execution order), e.g. '0:1.0, 6:0.5'; unlisted layers get 0."}),
-            },
-            "optional": {
-                "attn_mask": ("MASK", {"tooltip": "Optional mask: the image prompt acts only where the mask is white."}),
-            },
-        }
-
-    def run(self, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
-            layers="all", layer_weights="", attn_mask=None):
-        return (apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers, layer_weights, attn_mask),)
+    def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
+                layers="all", layer_weights="", attn_mask=None) -> io.NodeOutput:
+        return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
+                                   layer_weights, attn_mask))
 
 
-class IPAKitApplySimple:
-    DESCRIPTION = "Encode a reference image and apply the adapter in one node (the common case)."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with the IP-Adapter applied.",)
-    FUNCTION = "run"
+class IPAKitApplySimple(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IPAKitApplySimple",
+            display_name="Apply IP-Adapter Simple (Kit)",
+            category=CATEGORY,
+            description="Encode a reference image and apply the adapter in one node (the common case).",
+            inputs=[
+                model_input(),
+                adapter_input(),
+                clip_vision_input(),
+                io.Image.Input("image", tooltip="Reference image (a batch is concatenated)."),
+                io.Float.Input("weight", default=0.8, min=-1.0, max=5.0, step=0.05, tooltip=_WEIGHT_TIP),
+                io.Combo.Input("mode", options=MODES, default="scaled", tooltip=_MODE_TIP),
+            ],
+            outputs=[model_output("The model with the IP-Adapter applied.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": _MODEL_IN,
-                "adapter": _ADAPTER_IN,
-                "clip_vision": _CLIP_VISION_IN,
-                "image": ("IMAGE", {"tooltip": "Reference image (a batch is concatenated)."}),
-                "weight": ("FLOAT", {"default": 0.8, "min": -1.0, "max": 5.0, "step": 0.05, "tooltip": _WEIGHT_TIP}),
-                "mode": (MODES, {"default": "scaled", "tooltip": _MODE_TIP}),
-            }
-        }
-
-    def run(self, model, adapter, clip_vision, image, weight=0.8, mode="scaled"):
-        return (apply(model, adapter, encode(adapter, clip_vision, image), mode, weight),)
+    def execute(cls, model, adapter, clip_vision, image, weight=0.8, mode="scaled") -> io.NodeOutput:
+        return io.NodeOutput(apply(model, adapter, encode(adapter, clip_vision, image), mode, weight))

@@ -1,40 +1,18 @@
-"""Host glue shared by the nodes: folders, IO type names, the host's attention, CLIP vision calls."""
+"""Host glue shared by the nodes: V3 IO types, the host's attention, CLIP vision calls."""
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
+from comfy_api.latest import io
 
-logger = logging.getLogger("ipadapter_kit")
+from .folders import CATEGORY, FOLDER, TRAINED_SUBDIR, adapter_files, logger
 
-CATEGORY = "ipadapter_kit"
-ADAPTER = "IPAKIT_ADAPTER"
-EMBEDS = "IPAKIT_EMBEDS"
-DATASET = "IPAKIT_DATASET"
-FOLDER = "ipadapter"
-TRAINED_SUBDIR = "ipadapter_kit"  # under ComfyUI's output folder: where training writes adapters
+__all__ = ["CATEGORY", "FOLDER", "TRAINED_SUBDIR", "adapter_files", "logger", "Adapter", "Embeds", "Dataset"]
 
-
-def register_folders() -> None:
-    """Register models/ipadapter only when no other pack did (they share the same files), and add our
-    training output folder to it so trained adapters show up in every loader."""
-    import folder_paths
-
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = (
-            [os.path.join(folder_paths.models_dir, FOLDER)],
-            folder_paths.supported_pt_extensions,
-        )
-    trained = os.path.join(folder_paths.get_output_directory(), TRAINED_SUBDIR)
-    folder_paths.add_model_folder_path(FOLDER, trained)
-
-
-def adapter_files() -> list[str]:
-    import folder_paths
-
-    return sorted(f for f in folder_paths.get_filename_list(FOLDER) if f.lower().endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")))
+# Our custom IO types, prefixed so they never meet another pack's IPADAPTER / EMBEDS sockets.
+Adapter = io.Custom("IPAKIT_ADAPTER")
+Embeds = io.Custom("IPAKIT_EMBEDS")
+Dataset = io.Custom("IPAKIT_DATASET")
 
 
 def host_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .common import ADAPTER, CATEGORY, adapter_files, logger
+from comfy_api.latest import io
+
+from .common import CATEGORY, Adapter, adapter_files, logger
 
 
 def describe(info: dict) -> str:
@@ -13,42 +15,50 @@ def describe(info: dict) -> str:
     )
 
 
-class IPAKitLoadAdapter:
-    DESCRIPTION = "Loads an IP-Adapter file (official h94 files, or adapters trained with this kit) and reports what it needs."
-    CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (ADAPTER, "STRING")
-    RETURN_NAMES = ("adapter", "info")
-    OUTPUT_TOOLTIPS = (
-        "The loaded IP-Adapter, for the encode and apply nodes.",
-        "The detected variant, base model family and the CLIP vision encoder this adapter needs.",
-    )
-    FUNCTION = "load"
+def load(adapter_file: str):
+    """-> (adapter, info dict) for a file name of the `ipadapter` model folder."""
+    import folder_paths
+
+    from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
+
+    path = folder_paths.get_full_path_or_raise("ipadapter", adapter_file)
+    state = read_adapter_state(path)
+    config = detect_config(state)
+    adapter = build_adapter(state, config).float().eval()
+    info = {
+        "file": adapter_file, "variant": config.variant, "family": config.family, "projection": config.projection,
+        "num_tokens": config.num_tokens, "encoder": config.encoder, "clip_output": config.clip_output,
+        "cross_attention_layers": config.cross_attention_layers, "fusion": config.fusion,
+        "parameters": adapter.num_parameters(),
+    }
+    return adapter, info
+
+
+class IPAKitLoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IPAKitLoadAdapter",
+            display_name="Load IP-Adapter (Kit)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads an IP-Adapter file (official h94 files, or adapters trained with this kit) and reports what it needs.",
+            inputs=[
+                io.Combo.Input("adapter_file", options=adapter_files(), tooltip=(
+                    "IP-Adapter weights from ComfyUI/models/ipadapter (shared with other IP-Adapter packs) "
+                    "or from output/ipadapter_kit (adapters you trained). .safetensors or .bin.")),
+            ],
+            outputs=[
+                Adapter.Output("adapter", display_name="adapter",
+                               tooltip="The loaded IP-Adapter, for the encode and apply nodes."),
+                io.String.Output("info", display_name="info",
+                                 tooltip="The detected variant, base model family and the CLIP vision encoder this adapter needs."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "adapter_file": (adapter_files(), {
-                    "tooltip": "IP-Adapter weights from ComfyUI/models/ipadapter (shared with other IP-Adapter packs) "
-                               "or from output/ipadapter_kit (adapters you trained). .safetensors or .bin."}),
-            }
-        }
-
-    def load(self, adapter_file: str):
-        import folder_paths
-
-        from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
-
-        path = folder_paths.get_full_path_or_raise("ipadapter", adapter_file)
-        state = read_adapter_state(path)
-        config = detect_config(state)
-        adapter = build_adapter(state, config).float().eval()
-        info = {
-            "file": adapter_file, "variant": config.variant, "family": config.family, "projection": config.projection,
-            "num_tokens": config.num_tokens, "encoder": config.encoder, "clip_output": config.clip_output,
-            "cross_attention_layers": config.cross_attention_layers, "fusion": config.fusion,
-            "parameters": adapter.num_parameters(),
-        }
+    def execute(cls, adapter_file: str) -> io.NodeOutput:
+        adapter, info = load(adapter_file)
         text = describe(info)
         logger.info("IPAKitLoadAdapter: %s: %s", adapter_file, text)
-        return {"ui": {"ipakit_info": [info]}, "result": (adapter, text)}
+        # the web extension (web/js/loader_info.js) reads ui.ipakit_info in onExecuted
+        return io.NodeOutput(adapter, text, ui={"ipakit_info": [info]})

@@ -35,9 +35,29 @@ def test_registry_metadata_complete():
     comfy = _pyproject()["tool"]["comfy"]
     assert project["version"] == ipa_train.__version__
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
-    assert (ROOT / project["license"]["file"]).is_file()
+    assert project["license"] == "MIT" and all((ROOT / f).is_file() for f in project["license-files"])
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
     assert project["urls"]["Repository"].startswith("https://github.com/")
     for key in ("PublisherId", "DisplayName", "Icon"):
         assert comfy[key], key
     assert comfy["Icon"].endswith("docs/icon.png") and (ROOT / "docs" / "icon.png").is_file()
     assert re.fullmatch(r"[a-z0-9-]+", comfy["PublisherId"])
+
+
+@pytest.mark.slow
+def test_wheel_builds_without_setuptools_warnings(tmp_path):
+    """The Registry and pip build the pack from pyproject.toml: no deprecation or configuration warnings."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                        str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "Warning" not in out and "!!" not in out, out[-3000:]
+    wheel = next(tmp_path.glob("*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("ipa_train/adapter/formats.py", "ipa_train/training/train.py", "ipa_train/demo_data/astronaut.jpg"):
+        assert module in names, module

@@ -1,6 +1,7 @@
 """workflows/*.json against the registered node definitions, without ComfyUI.
 
-Our nodes are checked against NODE_CLASS_MAPPINGS (the pack loaded with a fake `folder_paths`); core nodes against
+Our nodes are checked against tests/data/kit_nodes.json (their /object_info entries, kept equal to the host's by
+tests/host/test_host_node_specs.py; see tests/node_specs.py); core nodes against
 tests/data/core_nodes.json, a snapshot of ComfyUI's /object_info (input/output specs only) for the core types the
 workflows use. Regenerate it from a running server when a workflow starts using another core node.
 """
@@ -9,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from .test_nodes_hostless import _fake_folder_paths, _load_pack, fake_comfy_samplers
+from .node_specs import load_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -38,19 +38,9 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def specs(tmp_path_factory):
+def specs():
     """node type -> {"input": {"required": {...}, "optional": {...}}, "output": [types]} for ours and the core snapshot."""
-    fp = _fake_folder_paths(tmp_path_factory.mktemp("wf_pack"))
-    fp.get_filename_list = lambda name: []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "folder_paths", fp)
-        fake_comfy_samplers(mp)
-        pack = _load_pack("pack_workflows")
-        ours = {}
-        for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-            spec = cls.INPUT_TYPES()
-            ours[name] = {"input": {sec: {k: list(v) for k, v in spec.get(sec, {}).items()} for sec in ("required", "optional")},
-                          "output": list(cls.RETURN_TYPES)}
+    ours = {name: {"input": spec["input"], "output": spec["output"]} for name, spec in load_specs().items()}
     assert not set(ours) & set(CORE)
     return {**CORE, **ours}
 
@@ -124,9 +114,12 @@ def _load(path: Path) -> dict:
 def test_the_workflows_are_there_with_thumbnails():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
     for path in WORKFLOWS:
-        thumbs = [path.with_suffix(ext) for ext in (".png", ".jpg") if path.with_suffix(ext).is_file()]
-        assert len(thumbs) == 1, f"{path.name}: one thumbnail (.png or .jpg) expected"
-        assert 10_000 < thumbs[0].stat().st_size < 150_000, thumbs[0].name
+        # the frontend's template browser fetches <name>.jpg for a custom node pack's templates
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), f"{path.name}: no {thumb.name} (the template browser shows <name>.jpg)"
+        assert thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
+        assert 10_000 < thumb.stat().st_size < 150_000, thumb.name
+        assert not path.with_suffix(".png").exists(), f"{path.stem}.png: a thumbnail the template browser never shows"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -27,6 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def combo_options(decl: list) -> list:
+    """Options of a combo input as /object_info serves it: V1 `[[...], {...}]` or V3 `["COMBO", {"options": [...]}]`."""
+    return decl[1]["options"] if decl[0] == "COMBO" else decl[0]
+
+
 def get(url: str):
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())

@@ -18,11 +18,11 @@ from ipa_train.adapter.config import AdapterConfig
 from ipa_train.adapter.layout import known_sites
 
 from ..factories import random_adapter
+from ..node_specs import load_specs
+from .server import combo_options, prepare_base, running_comfyui, write_dataset
 from .server import get as _get
-from .server import prepare_base, running_comfyui, write_dataset
 
-NODE_IDS = ("IPAKitLoadAdapter", "IPAKitEncodeImage", "IPAKitApply", "IPAKitApplySimple", "IPAKitDataset", "IPAKitTrain",
-            "IPAKitEvaluate", "IPAKitWeightSweep")
+NODE_IDS = tuple(load_specs())  # every node of the pack (tests/data/kit_nodes.json, checked against the host)
 CACHE = Path(os.environ.get("IPAKIT_HOST_CACHE", Path.home() / ".cache" / "ipakit-host-models"))
 
 
@@ -89,7 +89,7 @@ def test_every_node_registered_with_tooltips(server):
                 assert opts.get("tooltip"), f"{node}.{name} has no tooltip"
         assert len(spec["output_tooltips"]) == len(spec["output"])
         assert spec["category"].startswith("ipadapter_kit")
-    assert "kit_sd15_vitl.safetensors" in info["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"][0]
+    assert "kit_sd15_vitl.safetensors" in combo_options(info["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"])
 
 
 def _reference_prompt(crop: str) -> dict:
@@ -224,7 +224,7 @@ def test_train_node_then_apply_in_one_prompt_and_resume(server):
     val = entry["outputs"]["14"]["images"]
     assert len(val) == 1 and Image.open(base / "output" / val[0]["subfolder"] / val[0]["filename"]).size == (512, 512)
     # the trained file shows up in the loader's list and loads with fusion weights
-    info = _get(url + "/object_info/IPAKitLoadAdapter")["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"][0]
+    info = combo_options(_get(url + "/object_info/IPAKitLoadAdapter")["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"])
     assert "host-run.safetensors" in info
 
     prompt5 = json.loads(json.dumps(_train_prompt(5)).replace("__DATASET__", str(ds)))

@@ -124,3 +124,20 @@ def test_workflow_runs(browser_server, name):
     for k in outputs:
         for image in entry["outputs"][k].get("images", []):
             assert (Path(base) / image["type"] / image["subfolder"] / image["filename"]).is_file()
+
+
+def test_template_browser_lists_every_workflow_with_its_thumbnail(browser_server):
+    """The pinned frontend (comfyui-frontend-package 1.35.9) lists a pack's templates from /api/workflow_templates and
+    shows each one's thumbnail from /api/workflow_templates/<pack>/<name>.jpg (mediaSubtype "jpg" for custom nodes;
+    see getTemplateThumbnailUrl in its bundle): every workflow is listed and its .jpg is served as a JPEG."""
+    import urllib.request
+
+    from .server import PACK, get
+
+    url = browser_server[0]
+    listed = get(url + "/api/workflow_templates")
+    assert sorted(listed.get(PACK, [])) == sorted(p.stem for p in WORKFLOWS)
+    for name in listed[PACK]:
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK}/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", name
+            assert r.read(3) == b"\xff\xd8\xff", name
