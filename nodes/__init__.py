@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .evaluate import IPAKitEvaluate, IPAKitWeightSweep
 from .loaders import IPAKitLoadAdapter
+from .style_composition import IPAKitApplyStyleComposition
 from .train import IPAKitDataset, IPAKitTrain
 
 NODES: list[type[io.ComfyNode]] = [
@@ -15,6 +16,7 @@ NODES: list[type[io.ComfyNode]] = [
     IPAKitEncodeImage,
     IPAKitApply,
     IPAKitApplySimple,
+    IPAKitApplyStyleComposition,
     IPAKitDataset,
     IPAKitTrain,
     IPAKitEvaluate,
