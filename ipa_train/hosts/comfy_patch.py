@@ -49,11 +49,6 @@ class ImageEmbeds:
         return f"ImageEmbeds({self.variant}, tokens={tuple(self.cond.shape)}, images={self.num_images})"
 
 
-def combine_references(embeds: torch.Tensor, method: str, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Several references [N, ...] of one CLIP output -> the projection input (see `adapter.references`)."""
-    return combine_clip(embeds, method, weights)
-
-
 def encode_embeds(adapter: IPAdapter, cond_clip: torch.Tensor, uncond_clip: torch.Tensor, method: str = "concat",
                   weights: Sequence[float] | torch.Tensor | None = None) -> ImageEmbeds:
     """Project CLIP outputs of N references ([N, D] or [N, L, D]) and of the unconditional side to tokens.
