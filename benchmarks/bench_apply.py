@@ -44,13 +44,17 @@ def boot_comfy():
     return comfy, importlib.import_module("ipadapter_kit.nodes.apply")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = time.process_time
+
+
 def one_step(patcher, x, sigma, ctx) -> float:
     to = dict(patcher.model_options["transformer_options"])
     to.update(cond_or_uncond=[0, 1], sigmas=sigma, wrappers=patcher.wrappers)
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
-        return time.perf_counter() - t0
+        return CLOCK() - t0
 
 
 def load_community_pack():
@@ -112,7 +116,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types-steps", type=int, default=4, help="steps per weight type (0 skips the weight-type table)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed time (use on an idle machine); cpu: this process's CPU time, which other "
+                         "load on a shared machine hardly moves (use with --threads 1)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     comfy, apply_mod = boot_comfy()
     from diffusers import UNet2DConditionModel
@@ -143,7 +152,8 @@ def main() -> None:
             models[f"{name} {mode}"] = apply_mod.apply(patcher, adapter, embeds, mode, 1.0, 0.8)
     med = round_robin(models, args.steps, x, sigma, ctx)
     base = med["unpatched"]
-    print(f"SD1.5-architecture UNet, 128x128, cfg batch 2, fp32, {args.threads} threads, median of {args.steps} steps")
+    print(f"SD1.5-architecture UNet, 128x128, cfg batch 2, fp32, {args.threads} threads, {args.clock} clock, "
+          f"median of {args.steps} steps")
     print(f"{'model':<16} {'s/step':>8} {'vs unpatched':>13}")
     for name, t in med.items():
         print(f"{name:<16} {t:8.3f} {100 * (t / base - 1):+12.1f}%")
