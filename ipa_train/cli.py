@@ -8,7 +8,9 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 
+from .argtypes import Parser, check_range, float_range, int_range, one_line
 from .errors import IPAKitError
 
 logger = logging.getLogger("ipa_train")
@@ -53,7 +55,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .adapter.formats import convert_checkpoint
+    from .outputs import check_output_file
 
+    check_output_file(args.dst, 0, "converted file")
     cfg = convert_checkpoint(args.src, args.dst)
     _out(f"wrote {args.dst}: {cfg.variant} adapter, {cfg.cross_attention_layers} layers, encoder {cfg.encoder}")
     return 0
@@ -91,18 +95,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.train import TrainConfig, train
 
     config = TrainConfig.from_dict(vars(args))
+    _train_preflight(config)
+    dataset = load_dataset(args.data, args.captions_json, resolution=config.resolution,
+                           random_crop=config.random_crop, random_flip=config.random_flip)
     accelerator = _accelerator(config)
     if accelerator is not None and not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one progress log: the main process's
     device = accelerator.device if accelerator is not None else None
     encoder_dtype = _encoder_dtype(config, device)
     backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
-    dataset = load_dataset(args.data, args.captions_json, resolution=config.resolution,
-                           random_crop=config.random_crop, random_flip=config.random_flip)
     result = train(config, backbone, dataset, accelerator=accelerator)
     if result.adapter_path is not None:
         _out(f"wrote {result.adapter_path} ({result.steps} steps, final loss {result.losses[-1]:.5f})")
     return 0
+
+
+def _train_preflight(config) -> None:
+    """What can be checked before the base model loads: output folder and file, init adapter, resume checkpoint
+    (`train` checks the free space again once it knows the adapter's size)."""
+    from .adapter.formats import read_adapter_state
+    from .outputs import check_output_dir, check_output_file
+    from .training.checkpoints import find_checkpoint
+
+    check_output_dir(config.output_dir, 0, "output folder")
+    check_output_file(Path(config.output_dir) / f"{config.name}.safetensors", 0, "adapter file")
+    if config.init_adapter:
+        read_adapter_state(config.init_adapter)
+    if config.resume:
+        find_checkpoint(config)
 
 
 def _accelerator(config) -> typing.Any:
@@ -128,7 +148,12 @@ def _encoder_dtype(config, device) -> typing.Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import REAL_MODEL_COMMAND, run_demo
+    from .outputs import MB, check_output_dir
 
+    for flag, name, lo, hi in (("--steps", "steps", 1, 10**6), ("--sample-steps", "sample_steps", 1, 1000),
+                               ("--seed", "seed", 0, 2**64 - 1)):
+        check_range(flag, getattr(args, name, None), lo, hi)
+    check_output_dir(args.output, 32 * MB, "demo output folder")  # the demo writes about 10 MB
     result = run_demo(args.output, steps=args.steps, seed=args.seed, sample_steps=args.sample_steps)
     _out(f"adapter:   {result.adapter}")
     _out(f"loss plot: {result.loss_plot}")
@@ -165,7 +190,7 @@ def _sweep_generator(args: argparse.Namespace, reference):
     from pathlib import Path
 
     from .adapter.formats import load_adapter
-    from .evaluation.evaluate import backbone_generator
+    from .evaluation import backbone_generator
     from .hosts.backbone_diffusers import DiffusersBackbone
 
     if args.tiny:
@@ -189,12 +214,20 @@ def _sweep_generator(args: argparse.Namespace, reference):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .adapter.formats import atomic_write
-    from .evaluation.evaluate import EvalReport, Scorer, WeightSweep, load_image
+    from .evaluation import EvalReport, Scorer, WeightSweep, load_image
 
     if args.sweep == bool(args.images):
         raise IPAKitError("evaluate: give either --images IMG... (score those) or --sweep (generate and score)")
     if not args.clip and not args.tiny:
         raise IPAKitError("evaluate needs --clip: a folder or hub id of a full CLIP model (e.g. openai/clip-vit-large-patch14)")
+    from .outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json, 0, "--json report")
+    if args.sweep:
+        check_output_file(args.plot, 0, "--plot image")
+        if args.size % 8:
+            raise IPAKitError(f"--size must be a multiple of 8 (the VAE's downscale), got {args.size}")
     reference = load_image(args.reference)
     if args.clip:
         scorer = Scorer.from_pretrained(args.clip)
@@ -234,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ipa_train", description="ComfyUI IP-Adapter Kit command line")
+    p = Parser(prog="python -m ipa_train", description="ComfyUI IP-Adapter Kit command line")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -278,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", default=None, help="the IP-Adapter file to evaluate")
     g.add_argument("--tiny", action="store_true", help="offline check with a tiny random backbone (and CLIP and "
                                                        "adapter unless given): tests the pipeline, not an adapter")
-    g.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5],
+    g.add_argument("--weights", nargs="+", type=float_range(-10.0, 10.0), default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5],
                    help="adapter weights (default: 0 to 1.5 in steps of 0.25)")
     g.add_argument("--modes", nargs="+", choices=["scaled", "fused"], default=["scaled", "fused"])
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per point (default: 0 1 2)")
-    g.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default: 20)")
-    g.add_argument("--size", type=int, default=512, help="image size in pixels (default: 512)")
-    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5.0)")
-    g.add_argument("--fusion-lambda", type=float, default=0.8, help="fused mode's lambda (default: 0.8)")
+    g.add_argument("--seeds", nargs="+", type=int_range(0, 2**64 - 1), default=[0, 1, 2], help="seeds per point (default: 0 1 2)")
+    g.add_argument("--steps", type=int_range(1, 1000), default=20, help="DDIM steps per image (default: 20)")
+    g.add_argument("--size", type=int_range(8, 4096), default=512, help="image size in pixels (default: 512)")
+    g.add_argument("--guidance", type=float_range(0.0, 100.0), default=5.0, help="classifier-free guidance (default: 5.0)")
+    g.add_argument("--fusion-lambda", type=float_range(0.0, 1.0), default=0.8, help="fused mode's lambda (default: 0.8)")
     g.add_argument("--plot", default="weight_sweep.png", help="sweep plot PNG (default: weight_sweep.png)")
     s.set_defaults(func=cmd_evaluate)
     return p
@@ -299,8 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except IPAKitError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except OSError as e:  # a file the checks could not foresee (permissions changed, a disk error)
+        if args.verbose:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {one_line(where + (e.strerror or str(e)))}\n")
+        return 2
+    except Exception as e:  # a bug: still one line; -v shows the traceback
+        if args.verbose:
+            raise
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {one_line(e)[:300]} (a bug: please report it "
+                         "with the output of the same command with -v)\n")
+        return 1

@@ -6,9 +6,15 @@ Importing this package needs ComfyUI (`comfy_api`); the pack's `__init__.py` imp
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
+from .embeds import IPAKitLoadEmbeds, IPAKitSaveEmbeds
 from .evaluate import IPAKitEvaluate, IPAKitWeightSweep
+from .frames import IPAKitEncodeFrames, IPAKitWeightSchedule
 from .loaders import IPAKitLoadAdapter
+from .presets import IPAKitPresetLoader
+from .reference import IPAKitNoiseImage, IPAKitPrepImage
+from .regions import IPAKitRegion
 from .style_composition import IPAKitApplyStyleComposition
+from .tiles import IPAKitApplyTiled
 from .train import IPAKitDataset, IPAKitTrain
 
 NODES: list[type[io.ComfyNode]] = [
@@ -21,6 +27,16 @@ NODES: list[type[io.ComfyNode]] = [
     IPAKitTrain,
     IPAKitEvaluate,
     IPAKitWeightSweep,
+    # issue 10: reference preparation, animation batches, embeds files, presets, regions, tiles
+    IPAKitPresetLoader,
+    IPAKitPrepImage,
+    IPAKitNoiseImage,
+    IPAKitEncodeFrames,
+    IPAKitWeightSchedule,
+    IPAKitSaveEmbeds,
+    IPAKitLoadEmbeds,
+    IPAKitRegion,
+    IPAKitApplyTiled,
 ]
 
 

@@ -14,10 +14,11 @@ from .common import (
     host_text_attention,
     logger,
 )
+from .reference import Weights, encode_extra_inputs  # issue 10
 
 MODES = ["scaled", "fused"]
 LAYERS = ["all", "style", "composition", "custom"]
-CROPS = ["center", "squash", "pad"]
+CROPS = ["center", "squash", "pad", "top", "bottom", "left", "right"]  # issue 10: crop positions appended
 COMBINE = ["concat", "add", "subtract", "average", "norm average", "max", "min"]
 WEIGHT_TYPES = ["linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
                 "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
@@ -92,10 +93,11 @@ def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", c
 
 def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fusion_lambda: float = 0.8,
           start_at: float = 0.0, end_at: float = 1.0, layers: str = "all", layer_weights: str = "",
-          attn_mask: torch.Tensor | None = None, weight_type: str = "linear", embeds_scaling: str = "V only",
-          second: float | None = None, embeds_alt=None):
+          attn_mask: torch.Tensor | None = None, frame_weights: list[float] | None = None, weight_type: str = "linear",
+          embeds_scaling: str = "V only", second: float | None = None, embeds_alt=None):
     """Clone `model` and patch every cross-attention layer with `adapter`'s image attention.
 
+    Per-frame embeds (IPAKitEncodeFrames) drive latent i with reference i; `frame_weights` scale frame i.
     weight_type / second: the per-layer spread (`ipa_train.adapter.weight_types`; second = weight_composition or
     the precise types' boost, None = the weight); embeds_alt: the composition image's tokens.
     """
@@ -114,7 +116,8 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     app = AdapterApplication(
         adapter, embeds, plans,
         sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
-        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, embeds_scaling=embeds_scaling, embeds_alt=embeds_alt,
+        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, frame_weights=frame_weights,  # issue 10: per-frame weights
+        embeds_scaling=embeds_scaling, embeds_alt=embeds_alt,
     )
     m = model.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
@@ -153,6 +156,7 @@ class IPAKitEncodeImage(io.ComfyNode):
                                tooltip="How a non-square image becomes 224x224: center crop, squash, or pad to a square."),
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Optional negative reference: used for the unconditional side instead of the neutral one."),
+                *encode_extra_inputs(),  # issue 10: appended, so saved workflows keep their widget values
                 io.String.Input("reference_weights", default="", optional=True,
                                 tooltip="One weight per image of the batch, e.g. '1.0, 0.5' (empty = all 1). With concat "
                                         "it scales that image's share of the image attention; with a merge it "
@@ -164,8 +168,14 @@ class IPAKitEncodeImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None,
+                interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0,
                 reference_weights="") -> io.NodeOutput:
-        return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative, reference_weights))
+        from .reference import encode_prepared, uses_host_preprocessing
+
+        if uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio):
+            return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative, reference_weights))
+        return io.NodeOutput(encode_prepared(adapter, clip_vision, image, combine, crop, image_negative, interpolation,
+                                             sharpening, enhance_tiles, enhance_ratio, reference_weights))
 
 
 class IPAKitApply(io.ComfyNode):
@@ -194,6 +204,8 @@ class IPAKitApply(io.ComfyNode):
                                         "e.g. '0:1.0, 6:0.5'; unlisted layers get 0."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional mask: the image prompt acts only where the mask is white."),
+                Weights.Input("frame_weights", optional=True,  # issue 10
+                              tooltip="Optional per-frame weights from IPAKitWeightSchedule (frame i of the latent batch)."),
                 *weight_type_inputs(),
                 io.Combo.Input("embeds_scaling", options=EMBEDS_SCALING, default="V only", optional=True,
                                tooltip=_SCALING_TIP),
@@ -209,10 +221,10 @@ class IPAKitApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
-                layers="all", layer_weights="", attn_mask=None, weight_type="linear", embeds_scaling="V only",
-                style_boost=1.0, composition_boost=0.0) -> io.NodeOutput:
+                layers="all", layer_weights="", attn_mask=None, frame_weights=None, weight_type="linear",
+                embeds_scaling="V only", style_boost=1.0, composition_boost=0.0) -> io.NodeOutput:
         return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
-                                   layer_weights, attn_mask, weight_type, embeds_scaling,
+                                   layer_weights, attn_mask, frame_weights, weight_type, embeds_scaling,
                                    second_weight(weight_type, style_boost, composition_boost)))
 
 

@@ -1,4 +1,4 @@
-"""IPAKitEvaluate (score images) and IPAKitWeightSweep (sample, score and plot a weight sweep); math in ipa_train.evaluation.evaluate."""
+"""IPAKitEvaluate (score images) and IPAKitWeightSweep (sample, score and plot a weight sweep); math in ipa_train.evaluation."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _device():
 
 def _scorer(clip_model: str, clip_vision=None):
     """-> (Scorer, notes): the transformers CLIP for text (and images when no CLIP vision model is connected)."""
-    from ipa_train.evaluation.evaluate import CLIPEmbedder, FunctionImageEmbedder, Scorer
+    from ipa_train.evaluation import CLIPEmbedder, FunctionImageEmbedder, Scorer
 
     clip_model = clip_model.strip()
     text_model = CLIPEmbedder.from_pretrained(clip_model, _device()) if clip_model else None
@@ -42,7 +42,7 @@ def _scorer(clip_model: str, clip_vision=None):
 
 def evaluate(images, reference, prompt: str, clip_model: str = "", clip_vision=None):
     """-> EvalReport for ComfyUI IMAGE batches [N, H, W, 3]."""
-    from ipa_train.evaluation.evaluate import EvalReport
+    from ipa_train.evaluation import EvalReport
 
     scorer, notes = _scorer(clip_model, clip_vision)
     scores = scorer.score(images, reference, prompt.strip() or None)
@@ -231,7 +231,7 @@ def run_sweep(model, adapter, embeds, reference, positive, negative, latent_imag
     import torch
 
     from ipa_train.errors import EvaluationError
-    from ipa_train.evaluation.evaluate import EvalReport, WeightSweep, parse_weights
+    from ipa_train.evaluation import EvalReport, WeightSweep, parse_weights
 
     if modes not in _SWEEP_MODES:
         raise EvaluationError(f"modes {modes!r}: use one of {list(_SWEEP_MODES)}")

@@ -168,9 +168,10 @@ def _run_config(output_name: str, adapter, **options):
     import folder_paths
 
     from ipa_train.adapter.formats import save_adapter
+    from ipa_train.training.config import normalise_name
     from ipa_train.training.train import CHECKPOINTS_DIR, TrainConfig
 
-    name = "".join(c for c in output_name.strip() if c.isalnum() or c in "-_.") or "my-ip-adapter"
+    name = normalise_name(output_name)  # refused before anything is written (no folders, no hidden names)
     run_dir = os.path.join(folder_paths.get_output_directory(), RUNS_SUBDIR, name)
     checkpoints = os.path.join(run_dir, CHECKPOINTS_DIR)
     has_checkpoint = os.path.isdir(checkpoints) and any(d.startswith("checkpoint-") for d in os.listdir(checkpoints))

@@ -16,7 +16,7 @@ SPEC_FILE = Path(__file__).resolve().parent / "data" / "kit_nodes.json"
 FIELDS = ("input", "input_order", "output", "output_is_list", "output_name", "output_tooltips", "name", "display_name",
           "description", "category", "output_node")
 # combo inputs whose options are the user's files: listed empty, as on a fresh install
-FILE_COMBOS = {("IPAKitLoadAdapter", "adapter_file")}
+FILE_COMBOS = {("IPAKitLoadAdapter", "adapter_file"), ("IPAKitLoadEmbeds", "embeds_file")}
 
 
 def normalise(node_id: str, info: dict) -> dict:

@@ -11,21 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ipa_train.errors import EvaluationError
-from ipa_train.evaluation.evaluate import (
-    CLIPSCORE_WEIGHT,
-    DEFAULT_WEIGHTS,
-    CLIPEmbedder,
-    EvalReport,
-    Scorer,
-    SweepResult,
-    WeightSweep,
-    clipscore,
-    diversity,
-    grade,
-    image_list,
-    image_similarity_score,
-    parse_weights,
-)
+from ipa_train.evaluation import CLIPEmbedder, EvalReport, Scorer, clipscore, diversity, grade, parse_weights
+from ipa_train.evaluation.embedders import image_list
+from ipa_train.evaluation.scores import CLIPSCORE_WEIGHT, image_similarity_score
+from ipa_train.evaluation.sweep import DEFAULT_WEIGHTS, SweepResult, WeightSweep
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def test_import_without_host():
         "            raise ImportError('host module imported: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import ipa_train, ipa_train.adapter.formats, ipa_train.adapter.attention, ipa_train.hosts.diffusers_unet, ipa_train.cli, ipa_train.adapter.layout\n"
-        "import ipa_train.training.data, ipa_train.training.train, ipa_train.hosts.backbone_diffusers, ipa_train.demo, ipa_train.toy.tiny, ipa_train.plot, ipa_train.evaluation.evaluate\n"
+        "import ipa_train.training.data, ipa_train.training.train, ipa_train.hosts.backbone_diffusers, ipa_train.demo, ipa_train.toy.tiny, ipa_train.plot, ipa_train.evaluation, ipa_train.evaluation.sweep\n"
         "assert not any(m.split('.')[0] in HOST for m in sys.modules)\n"
         "print('ok')\n"
     )

@@ -105,11 +105,15 @@ def test_new_apply_inputs_are_appended_and_match_the_library():
               "IPAKitEncodeImage": ["adapter", "clip_vision", "image", "combine", "crop"]}
     for node_id, names in before.items():
         assert list(specs[node_id]["input"]["required"]) == names, node_id
-    options = {name: decl[1]["options"] if decl[0] == "COMBO" else decl[0]
-               for spec in specs.values() for section in ("required", "optional")
-               for name, decl in spec["input"].get(section, {}).items() if decl[0] == "COMBO" or isinstance(decl[0], list)}
-    assert options["weight_type"] == list(WEIGHT_TYPES)
-    assert options["embeds_scaling"] == list(EMBEDS_SCALING)
-    assert options["combine"] == options["combine_embeds"] == list(COMBINE_METHODS)
+    def options(node_id, name):
+        spec = specs[node_id]["input"]
+        decl = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+        return decl[1]["options"] if decl[0] == "COMBO" else decl[0]
+
+    for node_id in ("IPAKitApply", "IPAKitApplySimple"):
+        assert options(node_id, "weight_type") == list(WEIGHT_TYPES)
+    for node_id in ("IPAKitApply", "IPAKitApplyStyleComposition"):
+        assert options(node_id, "embeds_scaling") == list(EMBEDS_SCALING)
+    assert options("IPAKitEncodeImage", "combine") == options("IPAKitApplyStyleComposition", "combine_embeds") == list(COMBINE_METHODS)
     style = specs["IPAKitApplyStyleComposition"]["input"]["required"]
     assert {"image_style", "image_composition", "weight_style", "weight_composition", "expand_style"} <= set(style)

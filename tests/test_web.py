@@ -60,7 +60,7 @@ def test_loader_extension_reads_the_node_ui_output():
     text = (JS / "loader_info.js").read_text()
     assert 'const NODE_TYPE = "IPAKitLoadAdapter"' in text and "message?.ipakit_info?.[0]" in text
     loader = (ROOT / "nodes" / "loaders.py").read_text()
-    assert "class IPAKitLoadAdapter" in loader and '{"ui": {"ipakit_info": [info]}' in loader
+    assert "class IPAKitLoadAdapter" in loader and 'ui={"ipakit_info": [info]}' in loader  # V3: NodeOutput(..., ui=...)
     for key in ("variant", "family", "encoder", "num_tokens", "fusion", "clip_output", "cross_attention_layers", "parameters"):
         assert f"info.{key}" in text, key
 

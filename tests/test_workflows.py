@@ -33,7 +33,7 @@ MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "CLIPVi
                  "IPAKitLoadAdapter": ("adapter_file", "ipadapter")}
 EXPECTED = {
     "ipadapter_generate_scaled", "ipadapter_generate_fused", "ipadapter_scaled_vs_fused_diversity",
-    "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep",
+    "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep", "ipadapter_animation_per_frame",
 }
 
 

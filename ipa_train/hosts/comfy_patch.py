@@ -21,6 +21,7 @@ from ..adapter.modules import IPAdapter, multihead_attention
 from ..adapter.references import combine_clip, reference_weights, token_weights
 from ..adapter.weight_types import LayerPlan
 from ..errors import IPAKitError
+from . import frames
 
 TextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 CALL_KV_KEY = "ipakit_kv"  # transformer_options entry holding per-call image K/V of fused applications
@@ -117,7 +118,8 @@ class AdapterApplication:
         layer_weights: effective weight of each layer (weight x multipliers), adapter order; or `LayerPlan`s
             (weight and route, from `adapter.weight_types`).
         sigma_start, sigma_end: the image branch is on while sigma_end <= sigma <= sigma_start.
-        mask: optional [M, H, W] multiplier of the image branch (M = 1 or the latent batch).
+        mask: optional [M, H, W] multiplier of the image branch (M = 1, or one per latent frame).
+        frame_weights: optional per-frame weight multipliers [F] (frame i of the latent batch; the last repeats).
         mode: "scaled" or "fused"; in fused mode the cond tokens are fused with the text of each call.
         fusion_lambda: lambda of the fused mode.
         embeds_scaling: where the weight enters the attention (`adapter.attention.EMBEDS_SCALING`).
@@ -126,8 +128,8 @@ class AdapterApplication:
 
     def __init__(self, adapter: IPAdapter, embeds: ImageEmbeds, layer_weights: list,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, mask: torch.Tensor | None = None,
-                 mode: str = "scaled", fusion_lambda: float = 1.0, embeds_scaling: str = "V only",
-                 embeds_alt: ImageEmbeds | None = None):
+                 mode: str = "scaled", fusion_lambda: float = 1.0, frame_weights: list[float] | None = None,
+                 embeds_scaling: str = "V only", embeds_alt: ImageEmbeds | None = None):
         if len(layer_weights) != adapter.config.cross_attention_layers:
             raise IPAKitError(f"{len(layer_weights)} layer weights for an adapter with {adapter.config.cross_attention_layers} layers")
         if mode not in ("scaled", "fused"):
@@ -144,10 +146,11 @@ class AdapterApplication:
         self.fused = mode == "fused" and self.fusion_lambda != 1.0
         self.adapter = adapter if self.fused else None
         self.cond_tokens = embeds.cond
+        self.frame_weights = frames.check_frame_weights(frame_weights)  # [frames hook 1] per-frame weights
         self.token_weights = embeds.token_weights
         self.groups = embeds.groups
         self.embeds_scaling = embeds_scaling
-        # {0: cond rows, 1: uncond rows} -> [(k, v) [1, T, h] | None] per layer; post[i] multiplies layer i's term
+        # {0: cond rows, 1: uncond rows} -> [(k, v) [1 or F, T, h] | None] per layer; post[i] multiplies layer i's term
         self.kv, self.post = layer_kv(adapter, embeds, self.plans, embeds_scaling, embeds_alt)
         self._cache: dict[Any, Any] = {}
 
@@ -163,6 +166,8 @@ class AdapterApplication:
             self.adapter.to(device)
         if self.mask is not None:
             self.mask = self.mask.to(device)
+        if self.frame_weights is not None:
+            self.frame_weights = self.frame_weights.to(device)
         self._cache.clear()
         return self
 
@@ -173,24 +178,28 @@ class AdapterApplication:
         sigma = float(sigmas.detach().flatten()[0])
         return self.sigma_end <= sigma <= self.sigma_start
 
-    def _batched(self, index: int, cond_or_uncond: list[int], batch: int, device: Any, dtype: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batched(self, index: int, cond_or_uncond: list[int], batch: int, device: Any, dtype: Any,
+                 extra_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of layer `index` in the batch's chunk order: [B, T, h] each."""
-        key = (index, tuple(cond_or_uncond), batch, device, dtype)
+        opts = extra_options or {}
+        key = (index, tuple(cond_or_uncond), batch, device, dtype, frames.frames_key(opts, batch, len(cond_or_uncond)))
         hit = self._cache.get(key)
         if hit is None:
             per_chunk = batch // max(1, len(cond_or_uncond))
             ks, vs = [], []
             for c in cond_or_uncond:
                 k, v = self.kv[1 if c == 1 else 0][index]
-                ks.append(k.expand(per_chunk, -1, -1))
-                vs.append(v.expand(per_chunk, -1, -1))
+                # [frames hook 2] per-frame embeds: row r of the chunk takes the K/V of its frame
+                ks.append(frames.select_rows(k, [0], per_chunk, opts))
+                vs.append(frames.select_rows(v, [0], per_chunk, opts))
             hit = (torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype))
             if len(self._cache) > 256:
                 self._cache.clear()
             self._cache[key] = hit
         return hit
 
-    def call_kv(self, text: torch.Tensor, cond_or_uncond: list[int]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def call_kv(self, text: torch.Tensor, cond_or_uncond: list[int],
+                extra_options: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Fused mode, once per model call: fuse the cond tokens with each cond row's text [B, S, C].
 
         Only layers routed "ref" fuse (None elsewhere: those use the precomputed K/V)."""
@@ -200,7 +209,8 @@ class AdapterApplication:
         is_cond = torch.tensor([c != 1 for c in cond_or_uncond for _ in range(per_chunk)], device=text.device)
         adapter_dtype = next(self.adapter.parameters()).dtype
         with torch.no_grad():
-            tokens = self.cond_tokens.to(text.device, adapter_dtype).expand(b, -1, -1)
+            # [frames hook 3] per-frame embeds: each row fuses its own frame's tokens
+            tokens = frames.select_rows(self.cond_tokens.to(text.device, adapter_dtype), cond_or_uncond, b, extra_options or {})
             fused = self.adapter.fuse(tokens, text.to(adapter_dtype), self.fusion_lambda)  # [B, T, C]
             cond_kv = _weighted_values(self.adapter.image_kv(fused), self.token_weights)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
@@ -210,7 +220,8 @@ class AdapterApplication:
                 out.append(None)
                 continue
             k_c, v_c, _ = scale_image_kv(k_c, v_c, plan.weight, self.embeds_scaling, self.groups)
-            k_u, v_u = uncond
+            k_u = frames.select_rows(uncond[0], cond_or_uncond, b, extra_options or {})
+            v_u = frames.select_rows(uncond[1], cond_or_uncond, b, extra_options or {})
             out.append((torch.where(rows, k_c, k_u.to(k_c)), torch.where(rows, v_c, v_u.to(v_c))))
         return out
 
@@ -220,7 +231,7 @@ class AdapterApplication:
             k, v = per_call[index]
             return k.to(q), v.to(q)
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
-        return self._batched(index, cond_or_uncond, q.shape[0], q.device, q.dtype)
+        return self._batched(index, cond_or_uncond, q.shape[0], q.device, q.dtype, extra_options)
 
     def layer_mask(self, q: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         if self.mask is None:
@@ -229,20 +240,25 @@ class AdapterApplication:
         hw = (int(shape[-2]), int(shape[-1])) if shape is not None else None
         if hw is None:
             return None
-        key = ("mask", hw, q.shape[1], q.shape[0], q.device, q.dtype)
+        cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
+        key = ("mask", hw, q.shape[1], q.shape[0], q.device, q.dtype,
+               frames.frames_key(extra_options, q.shape[0], len(cond_or_uncond)))
         hit = self._cache.get(key)
         if hit is None:
             m = mask_for_layer(self.mask.to(q.device), hw, q.shape[1]).to(q.dtype)  # [M, Lq, 1]
-            if m.shape[0] not in (1, q.shape[0]):
-                m = m.repeat(q.shape[0] // m.shape[0], 1, 1) if q.shape[0] % m.shape[0] == 0 else m[:1]
-            hit = self._cache[key] = m
+            # [frames hook 4] one mask per frame: row r takes its frame's mask (M = 1 broadcasts)
+            hit = self._cache[key] = frames.select_rows(m, cond_or_uncond, q.shape[0], extra_options)
         return hit
 
     def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict) -> torch.Tensor:
         if self.weights[index] == 0 or not self.active(extra_options):
             return out  # no image-attention work at all
         k, v = self.image_term_kv(index, q, extra_options)
-        return add_image_attention(out, q, k, v, extra_options["n_heads"], self.post[index], self.layer_mask(q, extra_options))
+        weight = self.post[index]
+        if self.frame_weights is not None:  # [frames hook 5] per-frame weights, [B] multipliers
+            cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
+            weight = weight * frames.frame_weight_rows(self.frame_weights, cond_or_uncond, q.shape[0], extra_options)
+        return add_image_attention(out, q, k, v, extra_options["n_heads"], weight, self.layer_mask(q, extra_options))
 
 
 def _community_active(kwargs: dict, extra_options: dict) -> bool:
@@ -314,7 +330,7 @@ class FusionWrapper:
         if c_crossattn is not None and self.app.fused:
             cond_or_uncond = list(opts.get("cond_or_uncond") or [0])
             per_call = dict(opts.get(CALL_KV_KEY, {}))
-            per_call[self.app.uid] = self.app.call_kv(c_crossattn, cond_or_uncond)
+            per_call[self.app.uid] = self.app.call_kv(c_crossattn, cond_or_uncond, opts)  # [frames hook 6]
             opts[CALL_KV_KEY] = per_call
         return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
 

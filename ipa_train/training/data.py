@@ -7,8 +7,9 @@ Layouts:
 
 Each sample gives the target image resized (short side, bilinear) and cropped to the training resolution,
 in [-1, 1], and the CLIP input prepared like transformers' default `CLIPImageProcessor` (bicubic resize of
-the short side to 224, centre crop, CLIP mean/std). Unreadable or non-image files are skipped with one
-warning that lists them.
+the short side to 224, centre crop, CLIP mean/std). Unreadable, truncated, oversized or non-image files,
+and paths that leave the dataset folder, are skipped with one warning that lists them (as the dataset names
+them) and why.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import DatasetError
+from ..images import ImageRejected, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Sample:
     path: Path
     caption: str
     has_caption: bool = True
+    shown: str = ""  # the path as the dataset gave it (for messages)
 
 
 @dataclass
@@ -118,20 +121,46 @@ def target_pixels(img: Image.Image, size: int, random_crop: bool = False, random
 # Reading the three layouts
 
 
-def _readable_image(path: Path) -> bool:
+def _read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(caption or None when there is no caption file, a note when it was not plain UTF-8)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"{path.name} (caption unreadable: {e.strerror or e})"
+    for bom, codec in ((b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
+        if raw.startswith(bom):
+            return raw.decode(codec, errors="replace").strip(), None
+    try:
+        return raw.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError:
+        # Not UTF-8: most likely a Windows code page; cp1252 maps almost every byte, latin-1 the rest.
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        return text.strip(), f"{path.name} (caption not UTF-8: read as Windows-1252; save it as UTF-8)"
 
 
-def _read_caption(path: Path) -> str | None:
+def _show(name: str) -> str:
+    """A file name as the dataset gave it, quoted when it holds spaces at its ends or unprintable characters."""
+    return name if name.isprintable() and name == name.strip() and name else repr(name)
+
+
+def _inside(root: Path, given: str) -> tuple[Path | None, str | None]:
+    """`root / given` when it stays inside `root` (after following links), else None and the reason."""
+    if not given or "\x00" in given:
+        return None, "empty or invalid file name"
+    if Path(given).is_absolute() or given.startswith(("/", "\\")) or (len(given) > 1 and given[1] == ":"):
+        return None, "absolute path: give it relative to the dataset folder"
+    path = root / given
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+        resolved = path.resolve()
+        resolved.relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return None, f"outside the dataset folder {str(root)!r}"
+    return path, None
 
 
 def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
@@ -142,8 +171,14 @@ def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
     for p in files:
         suffix = p.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
-            caption = _read_caption(p.with_suffix(".txt"))
-            samples.append(Sample(p, caption or "", caption is not None))
+            path, why = _inside(root, p.name)
+            if path is None:
+                skipped.append(f"{p.name} ({why})")
+                continue
+            caption, note = _read_caption(p.with_suffix(".txt"))
+            if note:
+                logger.warning("dataset %s: %s", root, note)
+            samples.append(Sample(p, caption or "", caption is not None, p.name))
         elif suffix == ".txt" and p.stem in images:
             continue
         elif p.name not in _IGNORED_NAMES:
@@ -151,14 +186,27 @@ def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
     return samples, skipped
 
 
+def _decode_error(file: Path, e: Exception, example: str) -> DatasetError:
+    if isinstance(e, UnicodeDecodeError):
+        what = f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+    elif isinstance(e, RecursionError):
+        what = "nested too deeply to be a captions list"
+    elif isinstance(e, json.JSONDecodeError):
+        what = f"not valid JSON ({e})"
+    else:
+        what = f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    return DatasetError(f"{file}: {what}; expected {example}")
+
+
+_JSON_EXAMPLE = '[{"image_file": "1.png", "text": "A dog"}]'
+_JSONL_EXAMPLE = 'one {"file_name": "1.png", "text": "A dog"} object per line'
+
+
 def _entries_from_json(json_file: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(json_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(
-            f"{json_file}: cannot read the captions JSON ({e}). Expected a list like "
-            '[{"image_file": "1.png", "text": "A dog"}]; fix or re-export the file.'
-        ) from None
+        data = json.loads(json_file.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _decode_error(json_file, e, _JSON_EXAMPLE) from None
     if not isinstance(data, list):
         raise DatasetError(
             f"{json_file}: expected a JSON list of {{\"image_file\", \"text\"}} objects, found a {type(data).__name__}"
@@ -167,15 +215,18 @@ def _entries_from_json(json_file: Path) -> list[dict[str, Any]]:
 
 
 def _entries_from_jsonl(jsonl: Path) -> list[dict[str, Any]]:
+    try:
+        text = jsonl.read_bytes().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _decode_error(jsonl, e, _JSONL_EXAMPLE) from None
     entries = []
-    for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             entries.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{jsonl}, line {n}: not valid JSON ({e}); each line must be "
-                               '{"file_name": "1.png", "text": "A dog"}') from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise _decode_error(Path(f"{jsonl}, line {n}"), e, _JSONL_EXAMPLE) from None
     return entries
 
 
@@ -183,23 +234,39 @@ def _samples_from_entries(entries: list[Any], root: Path, file_key: str, where: 
     samples: list[Sample] = []
     skipped: list[str] = []
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or file_key not in e:
-            raise DatasetError(f"{where}: entry {i} is {e!r}; every entry needs a {file_key!r} and a 'text' field")
+        if not isinstance(e, dict) or file_key not in e or not isinstance(e[file_key], str):
+            shown = repr(e)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise DatasetError(f"{where}: entry {i} is {shown}; every entry needs a {file_key!r} (a file name) and a "
+                               "'text' field")
+        given = e[file_key]
+        path, why = _inside(root, given)
+        if path is None:
+            skipped.append(f"{_show(given)} ({why})")
+            continue
         text = e.get("text")
-        samples.append(Sample(root / str(e[file_key]), str(text) if text is not None else "", text is not None))
+        if isinstance(text, (dict, list)):
+            raise DatasetError(f"{where}: entry {i} ({given!r}) has a {type(text).__name__} as 'text'; expected the "
+                               "caption as a string")
+        samples.append(Sample(path, str(text) if text is not None else "", text is not None, _show(given)))
     return samples, skipped
 
 
-def _check_images(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
+def _check_images(samples: list[Sample], side: int) -> tuple[list[Sample], list[str]]:
+    """Keep the samples whose image exists and decodes fully within the size limits of `side`."""
     good: list[Sample] = []
     bad: list[str] = []
     for s in samples:
+        shown = s.shown or s.path.name
         if not s.path.is_file():
-            bad.append(f"{s.path.name} (missing)")
-        elif not _readable_image(s.path):
-            bad.append(f"{s.path.name} (unreadable)")
-        else:
-            good.append(s)
+            bad.append(f"{shown} (missing)")
+            continue
+        try:
+            open_rgb(s.path, side, draft=True).close()
+        except ImageRejected as e:
+            bad.append(f"{shown} ({e})")
+            continue
+        good.append(s)
     return good, bad
 
 
@@ -235,8 +302,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         return self.info.as_dict()
 
     def open(self, index: int) -> Image.Image:
-        with Image.open(self.samples[index].path) as im:
-            return im.convert("RGB")
+        """The sample's image as 8-bit RGB (16-bit and float images scaled to their range)."""
+        try:
+            return open_rgb(self.samples[index].path, max(self.resolution, CLIP_SIZE))
+        except ImageRejected as e:  # the file changed since `load_dataset` checked it
+            raise DatasetError(f"{self.samples[index].path}: {e}; remove it from the dataset") from None
 
     def caption(self, index: int) -> str:
         return self.samples[index].caption
@@ -292,9 +362,13 @@ def load_dataset(path: str | os.PathLike, captions_json: str | os.PathLike | Non
         samples, skipped = _samples_from_entries(_entries_from_jsonl(jsonl), root, "file_name", jsonl)
         source = "jsonl"
     else:
-        samples, skipped = _scan_folder(root)
+        try:
+            samples, skipped = _scan_folder(root)
+        except OSError as e:
+            raise DatasetError(f"dataset folder {str(root)!r} cannot be read ({e.strerror or e}); check its "
+                               "permissions") from None
         source = "folder"
-    samples, bad = _check_images(samples)
+    samples, bad = _check_images(samples, max(resolution, CLIP_SIZE))
     skipped += bad
     info = DatasetInfo(source, str(root), len(samples), sum(s.has_caption for s in samples), skipped)
     if skipped:

@@ -1,0 +1,102 @@
+"""Preset lookup: the adapter and CLIP vision files of a preset, found in folder listings by name (host-free).
+
+The official files (h94/IP-Adapter on Hugging Face) and the names people commonly rename them to are matched
+case-insensitively, ignoring '-', '_', '.', spaces and the extension, anywhere in a sub-folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import IPAKitError
+
+HUB = "https://huggingface.co/h94/IP-Adapter/tree/main"
+VIT_H, VIT_G = "ViT-H/14", "ViT-bigG/14"
+CLIP_FILES = {
+    VIT_H: (("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "clip_vision_h.safetensors", "ViT-H-14.safetensors",
+             "ip-adapter_image_encoder_sd15.safetensors", "image_encoder_vit-h.safetensors"),
+            f"{HUB}/models/image_encoder (model.safetensors, rename it CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)"),
+    VIT_G: (("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", "clip_vision_g.safetensors", "ViT-bigG-14.safetensors",
+             "image_encoder_vit-bigg.safetensors"),
+            f"{HUB}/sdxl_models/image_encoder (model.safetensors, rename it CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors)"),
+}
+
+
+@dataclass(frozen=True)
+class PresetFiles:
+    names: tuple[str, ...]  # official name first, then accepted renames
+    encoder: str
+    published: str
+
+
+def _p(names: tuple[str, ...], encoder: str, sub: str) -> PresetFiles:
+    return PresetFiles(names, encoder, f"{HUB}/{sub}")
+
+
+PRESETS: dict[str, dict[str, PresetFiles]] = {
+    "light": {"sd15": _p(("ip-adapter_sd15_light_v11.bin", "ip-adapter_sd15_light.safetensors"), VIT_H, "models")},
+    "standard": {"sd15": _p(("ip-adapter_sd15.safetensors", "ip-adapter_sd15.bin"), VIT_H, "models"),
+                 "sdxl": _p(("ip-adapter_sdxl_vit-h.safetensors", "ip-adapter_sdxl_vit-h.bin"), VIT_H, "sdxl_models")},
+    "vit-G": {"sd15": _p(("ip-adapter_sd15_vit-G.safetensors", "ip-adapter_sd15_vit-G.bin"), VIT_G, "models"),
+              "sdxl": _p(("ip-adapter_sdxl.safetensors", "ip-adapter_sdxl.bin"), VIT_G, "sdxl_models")},
+    "plus": {"sd15": _p(("ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sd15.bin"), VIT_H, "models"),
+             "sdxl": _p(("ip-adapter-plus_sdxl_vit-h.safetensors", "ip-adapter-plus_sdxl_vit-h.bin"), VIT_H, "sdxl_models")},
+    "plus face": {"sd15": _p(("ip-adapter-plus-face_sd15.safetensors", "ip-adapter-plus-face_sd15.bin"), VIT_H, "models"),
+                  "sdxl": _p(("ip-adapter-plus-face_sdxl_vit-h.safetensors", "ip-adapter-plus-face_sdxl_vit-h.bin"),
+                             VIT_H, "sdxl_models")},
+    "full face": {"sd15": _p(("ip-adapter-full-face_sd15.safetensors", "ip-adapter-full-face_sd15.bin"), VIT_H, "models")},
+}
+PRESET_NAMES = tuple(PRESETS)
+FAMILY_BY_CONTEXT_DIM = {768: "sd15", 2048: "sdxl"}
+
+
+def family_of_context_dim(context_dim: int | None) -> str:
+    """The base family of a UNet from its cross-attention context width (768 = SD1.5, 2048 = SDXL)."""
+    family = FAMILY_BY_CONTEXT_DIM.get(int(context_dim or 0))
+    if family is None:
+        raise IPAKitError(f"the model's cross-attention width is {context_dim}; presets exist for SD1.5 (768) and SDXL "
+                          "(2048) models; load the adapter and CLIP vision files by hand for other models")
+    return family
+
+
+def _key(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    base = re.sub(r"\.(safetensors|bin|pt|pth|ckpt|sft)$", "", base)
+    return re.sub(r"[-_.\s]+", "", base)
+
+
+def find_file(candidates: Iterable[str], listing: Iterable[str]) -> str | None:
+    """The first listed file whose normalised name equals a candidate's, candidates in order of preference."""
+    by_key: dict[str, str] = {}
+    for name in sorted(listing):
+        by_key.setdefault(_key(name), name)
+    for cand in candidates:
+        hit = by_key.get(_key(cand))
+        if hit is not None:
+            return hit
+    return None
+
+
+def find_preset(preset: str, family: str, adapter_listing: Iterable[str], clip_listing: Iterable[str]) -> tuple[str, str, str]:
+    """(adapter file, CLIP vision file, encoder name) of `preset` for `family`, from the two folders' listings.
+
+    Raises one IPAKitError naming the file looked for, the folder it belongs in and where it is published.
+    """
+    if preset not in PRESETS:
+        raise IPAKitError(f"unknown preset {preset!r}; expected one of {', '.join(PRESET_NAMES)}")
+    spec = PRESETS[preset].get(family)
+    if spec is None:
+        have = ", ".join(p for p, fams in PRESETS.items() if family in fams)
+        raise IPAKitError(f"there is no official '{preset}' adapter for {family} models; presets for {family}: {have}")
+    adapter = find_file(spec.names, adapter_listing)
+    if adapter is None:
+        raise IPAKitError(f"preset '{preset}' ({family}): adapter file {spec.names[0]} not found; put it in "
+                          f"ComfyUI/models/ipadapter (published at {spec.published})")
+    clip_names, published = CLIP_FILES[spec.encoder]
+    clip = find_file(clip_names, clip_listing)
+    if clip is None:
+        raise IPAKitError(f"preset '{preset}' ({family}): CLIP vision file {clip_names[0]} ({spec.encoder}) not found; "
+                          f"put it in ComfyUI/models/clip_vision (published at {published})")
+    return adapter, clip, spec.encoder

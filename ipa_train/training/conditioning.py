@@ -1,0 +1,146 @@
+"""Training batches: cached or per-batch encodings, the reference's drop draw, and the sample order."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone, TextCondition
+from .config import TrainConfig
+from .data import CaptionedImages
+
+logger = logging.getLogger(__name__)
+
+# Conditioning: cached or encoded per batch
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, c, h, w], scaled
+    text: TextCondition  # hidden [B, S, C]
+    clip: torch.Tensor  # [B, D] or [B, L, D]
+
+
+def drop_decisions(n: int, config: TrainConfig, rng: random.Random) -> list[tuple[bool, bool]]:
+    """(drop_image, drop_text) per sample: one uniform draw r; r < i image, r < i+t text, r < i+t+b both."""
+    out = []
+    i, t, b = config.drop_image, config.drop_text, config.drop_both
+    for _ in range(n):
+        r = rng.random()
+        if r < i:
+            out.append((True, False))
+        elif r < i + t:
+            out.append((False, True))
+        elif r < i + t + b:
+            out.append((True, True))
+        else:
+            out.append((False, False))
+    return out
+
+
+class Conditioning:
+    """Gives training batches, from caches built once (small datasets) or by running the encoders per batch.
+
+    Every image is encoded once for the cache; the empty prompt and the dropped-image CLIP input are
+    encoded once too. Encoders no longer needed afterwards are released.
+    """
+
+    def __init__(self, backbone: Backbone, dataset: CaptionedImages, config: TrainConfig, chunk: int = 8):
+        self.backbone = backbone
+        self.dataset = dataset
+        self.config = config
+        self.output = config.clip_output
+        use_cache = 0 < len(dataset) <= config.cache_limit
+        self.moments: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.clip: torch.Tensor | None = None
+        self.text: dict[str, TextCondition] | None = None
+        with torch.no_grad():
+            self.empty_text = backbone.encode_text([""]).to("cpu")
+            self.dropped_clip = self._dropped_clip()
+            if use_cache:
+                self._build_cache(chunk)
+        self._release(use_cache)
+
+    def _dropped_clip(self) -> torch.Tensor:
+        if self.output == "image_embeds":
+            return torch.zeros(self.backbone.clip_embedding_dim("image_embeds"))  # [D]
+        zeros = torch.zeros(1, 3, 224, 224)  # a zero *normalized* pixel tensor, as the reference drops plus
+        return self.backbone.encode_image(zeros, self.output)[0].float().cpu()  # [L, D]
+
+    def _build_cache(self, chunk: int) -> None:
+        n = len(self.dataset)
+        started = time.perf_counter()
+        clip, means, stds = [], [], []
+        for lo in range(0, n, chunk):
+            idx = range(lo, min(n, lo + chunk))
+            clip.append(self.backbone.encode_image(torch.stack([self.dataset.clip_input(i) for i in idx]),
+                                                   self.output).float().cpu())
+            if self.dataset.deterministic:
+                mean, std = self.backbone.encode_latents(torch.stack([self.dataset.target(i) for i in idx]))
+                means.append(mean.float().cpu())
+                stds.append(std.float().cpu())
+        self.clip = torch.cat(clip)  # [N, D] or [N, L, D]
+        if means:
+            self.moments = (torch.cat(means), torch.cat(stds))  # [N, c, h, w] each
+        captions = sorted({self.dataset.caption(i) for i in range(n)})
+        text = [self.backbone.encode_text(captions[lo:lo + chunk]).to("cpu") for lo in range(0, len(captions), chunk)]
+        cat = TextCondition.cat(text)
+        self.text = {c: cat.rows([j]) for j, c in enumerate(captions)}
+        logger.info("cached embeddings of %d images and %d captions%s in %.1f s", n, len(captions),
+                    " and their VAE latents" if means else " (latents not cached: random crop/flip changes them every step)",
+                    time.perf_counter() - started)
+
+    def _release(self, cached: bool) -> None:
+        parts = ("text", "image") + (("vae",) if self.moments is not None else ())
+        if cached:
+            self.backbone.release(parts)
+            logger.info("released the %s encoder(s): every embedding is cached", "/".join(parts))
+
+    def batch(self, indices: list[int], rng: random.Random) -> Batch:
+        """A batch with the reference drop semantics; draws drops (and crops) from `rng`, latents from torch."""
+        drops = drop_decisions(len(indices), self.config, rng)
+        device = self.backbone.device
+        with torch.no_grad():
+            if self.moments is not None:
+                mean, std = self.moments[0][indices], self.moments[1][indices]
+            else:
+                pixels = torch.stack([self.dataset.target(i, rng) for i in indices])
+                mean, std = (t.float().cpu() for t in self.backbone.encode_latents(pixels))
+            latents = mean + std * torch.randn(mean.shape)  # sampled on CPU: same draws on every device
+            text = TextCondition.cat([self._text(i, drop_text) for i, (_, drop_text) in zip(indices, drops)])
+            clip = torch.stack([self._clip(i, drop_image) for i, (drop_image, _) in zip(indices, drops)])
+        return Batch(latents.to(device), text.to(device), clip.to(device))
+
+    def _text(self, index: int, drop: bool) -> TextCondition:
+        if drop:
+            return self.empty_text
+        caption = self.dataset.caption(index)
+        if self.text is not None:
+            return self.text[caption]
+        return self.backbone.encode_text([caption]).to("cpu")
+
+    def _clip(self, index: int, drop: bool) -> torch.Tensor:
+        if drop:
+            return self.dropped_clip
+        if self.clip is not None:
+            return self.clip[index]
+        return self.backbone.encode_image(self.dataset.clip_input(index)[None], self.output)[0].float().cpu()
+
+
+def sample_indices(n: int, batch: int, micro_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of micro-batch `micro_step` of process `rank`: an endless stream of per-epoch permutations.
+
+    A pure function of its arguments, so a resumed run reads the same samples as an uninterrupted one.
+    """
+    out = []
+    for j in range(micro_step * batch, (micro_step + 1) * batch):
+        k = j * world + rank  # position in the global stream
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 100_003 + epoch) % 2**64))
+        out.append(int(perm[pos]))
+    return out
+

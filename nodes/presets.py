@@ -1,0 +1,55 @@
+"""IPAKitPresetLoader: MODEL + preset -> the adapter and CLIP vision files, found by name in the model folders."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .common import CATEGORY, FOLDER, Adapter, logger
+
+
+class IPAKitPresetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ipa_train.adapter.presets import PRESET_NAMES
+
+        return io.Schema(
+            node_id="IPAKitPresetLoader", display_name="Load IP-Adapter Preset (Kit)", category=f"{CATEGORY}/loaders",
+            description="Finds the official adapter of a preset for the model's family (SD1.5/SDXL) and the CLIP "
+                        "vision model it needs, by their official names (or common renames), and loads both.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model; its family (SD1.5 or SDXL) picks the files."),
+                io.Combo.Input("preset", options=list(PRESET_NAMES), default="standard",
+                               tooltip="light, standard, vit-G, plus, plus face, full face (the official h94 files)."),
+            ],
+            outputs=[
+                Adapter.Output("adapter", display_name="adapter", tooltip="The preset's adapter."),
+                io.ClipVision.Output("clip_vision", display_name="clip_vision", tooltip="The CLIP vision model it needs."),
+                io.String.Output("info", display_name="info", tooltip="Which files were loaded."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, preset="standard") -> io.NodeOutput:
+        import comfy.clip_vision
+        import folder_paths
+
+        from ipa_train.adapter.layout import context_dim_of_blocks
+        from ipa_train.adapter.presets import family_of_context_dim, find_preset
+
+        unet = model.get_model_object("diffusion_model")
+        family = family_of_context_dim(context_dim_of_blocks(unet.input_blocks, unet.middle_block, unet.output_blocks))
+        adapter_name, clip_name, encoder = find_preset(preset, family, folder_paths.get_filename_list(FOLDER),
+                                                       folder_paths.get_filename_list("clip_vision"))
+        adapter = load_adapter_file(adapter_name)
+        clip_vision = comfy.clip_vision.load(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
+        info = f"{preset} ({family}): {adapter_name} + {clip_name} ({encoder})"
+        logger.info("IPAKitPresetLoader: %s", info)
+        return io.NodeOutput(adapter, clip_vision, info, ui={"text": [info]})
+
+def load_adapter_file(name: str):
+    import folder_paths
+
+    from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
+
+    state = read_adapter_state(folder_paths.get_full_path_or_raise(FOLDER, name))
+    return build_adapter(state, detect_config(state)).float().eval()
