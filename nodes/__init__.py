@@ -13,6 +13,7 @@ from .loaders import IPAKitLoadAdapter
 from .presets import IPAKitPresetLoader
 from .reference import IPAKitNoiseImage, IPAKitPrepImage
 from .regions import IPAKitRegion
+from .style_composition import IPAKitApplyStyleComposition
 from .tiles import IPAKitApplyTiled
 from .train import IPAKitDataset, IPAKitTrain
 
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     IPAKitEncodeImage,
     IPAKitApply,
     IPAKitApplySimple,
+    IPAKitApplyStyleComposition,
     IPAKitDataset,
     IPAKitTrain,
     IPAKitEvaluate,

@@ -19,12 +19,26 @@ from .reference import Weights, encode_extra_inputs  # issue 10
 MODES = ["scaled", "fused"]
 LAYERS = ["all", "style", "composition", "custom"]
 CROPS = ["center", "squash", "pad", "top", "bottom", "left", "right"]  # issue 10: crop positions appended
-COMBINE = ["concat", "average"]
+COMBINE = ["concat", "add", "subtract", "average", "norm average", "max", "min"]
+WEIGHT_TYPES = ["linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
+                "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
+                "style and composition", "strong style and composition", "style transfer precise", "composition precise"]
+EMBEDS_SCALING = ["V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty"]
 
 _MODE_TIP = ("scaled: text attention + weight x image attention (the original IP-Adapter). "
              "fused: the image tokens first attend to your prompt and are mixed with weight lambda, "
              "which keeps more of the text and raises diversity.")
 _WEIGHT_TIP = "Strength of the image prompt. 0 leaves the model unchanged; 0.5-0.8 keeps more of the text."
+_WEIGHT_TYPE_TIP = ("How the weight is spread over the layers (the community pack's names and numbers): linear = "
+                    "every layer; ease in/out, ease in-out, reverse in-out = a ramp over the layers; weak/strong "
+                    "input, middle, output = 0.2 on some blocks; style transfer / composition = only the layers that "
+                    "carry style / composition; precise = the reference also acts as a negative on the other "
+                    "layers (style_boost / composition_boost). Multiplied by the 'layers' choice.")
+_SCALING_TIP = ("Where the weight enters the image attention: V only = weight x attention (the original); K+V = "
+                "keys and values scaled (sharper at weight > 1); w/ C penalty = scaled down on the shallow layers; "
+                "K+mean(V) w/ C penalty = only the mean of the values scaled (high weights without burning).")
+_COMBINE_TIP = ("Several references (an image batch): concat keeps every image's tokens; add, subtract (first "
+                "minus the mean of the others), average, norm average, max, min merge their CLIP outputs into one.")
 _LAMBDA_TIP = ("Fused mode only: share of the raw image tokens (1 = same as scaled mode; lower = more prompt "
                "in the image tokens, more diversity). 0.8 is the published inference value.")
 
@@ -41,15 +55,17 @@ def clip_vision_input() -> io.ClipVision.Input:
     return io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the adapter needs (the loader's info says which).")
 
 
+def weight_type_inputs() -> list[io.Input]:
+    return [io.Combo.Input("weight_type", options=WEIGHT_TYPES, default="linear", optional=True, tooltip=_WEIGHT_TYPE_TIP)]
+
+
 def model_output(tooltip: str) -> io.Model.Output:
     return io.Model.Output("model", display_name="model", tooltip=tooltip)
 
 
-def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", crop: str = "center",
-           image_negative: torch.Tensor | None = None):
-    """CLIP vision + projection -> ImageEmbeds (cond and uncond tokens)."""
-    from ipa_train.hosts.comfy_patch import encode_embeds
-
+def clip_pair(adapter, clip_vision, image: torch.Tensor, crop: str = "center",
+              image_negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP outputs the adapter reads, for the references [N, ...] and for the unconditional side."""
     cfg = adapter.config
     embeds, hidden = clip_outputs(clip_vision, image, crop)
     cond = embeds if cfg.clip_output == "image_embeds" else hidden
@@ -61,51 +77,66 @@ def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", c
         uncond = torch.zeros_like(cond[:1])  # the reference: zeros through the projection
     else:
         uncond = clip_outputs_of_zero_pixels(clip_vision)[1]  # the encoder on an all-zero normalised image
-    return encode_embeds(adapter, cond, uncond, combine)
+    return cond, uncond
+
+
+def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", crop: str = "center",
+           image_negative: torch.Tensor | None = None, reference_weights: str = ""):
+    """CLIP vision + projection -> ImageEmbeds (cond and uncond tokens); reference_weights: "1.0, 0.5" or ""."""
+    from ipa_train.adapter.references import parse_weight_list
+    from ipa_train.hosts.comfy_patch import encode_embeds
+
+    weights = parse_weight_list(reference_weights or "")
+    cond, uncond = clip_pair(adapter, clip_vision, image, crop, image_negative)
+    return encode_embeds(adapter, cond, uncond, combine, weights or None)
 
 
 def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fusion_lambda: float = 0.8,
           start_at: float = 0.0, end_at: float = 1.0, layers: str = "all", layer_weights: str = "",
-          attn_mask: torch.Tensor | None = None, frame_weights: list[float] | None = None):
+          attn_mask: torch.Tensor | None = None, frame_weights: list[float] | None = None, weight_type: str = "linear",
+          embeds_scaling: str = "V only", second: float | None = None, embeds_alt=None):
     """Clone `model` and patch every cross-attention layer with `adapter`'s image attention.
 
     Per-frame embeds (IPAKitEncodeFrames) drive latent i with reference i; `frame_weights` scale frame i.
+    weight_type / second: the per-layer spread (`ipa_train.adapter.weight_types`; second = weight_composition or
+    the precise types' boost, None = the weight); embeds_alt: the composition image's tokens.
     """
     from comfy.patcher_extension import WrappersMP
 
-    from ipa_train.adapter.layout import (
-        check_fit,
-        context_dim_of_blocks,
-        groups_from_blocks,
-        layer_multipliers,
-        sites_from_groups,
-    )
-    from ipa_train.hosts.comfy_patch import AdapterApplication, FusionWrapper, chain_patches
+    from ipa_train.adapter.layout import check_fit, context_dim_of_blocks, groups_from_blocks, sites_from_groups
+    from ipa_train.adapter.weight_types import application_plans
+    from ipa_train.hosts.comfy_patch import AdapterApplication, Attn2Replace, FusionWrapper, chain_patches
 
     unet = model.get_model_object("diffusion_model")
     blocks = (unet.input_blocks, unet.middle_block, unet.output_blocks)
     sites = sites_from_groups(groups_from_blocks(*blocks))
     check_fit(tuple(s.hidden for s in sites), context_dim_of_blocks(*blocks), adapter.config)
-    multipliers = layer_multipliers(sites, adapter.config.family, layers, layer_weights)
+    plans = application_plans(sites, adapter.config.family, weight_type, weight, second, layers, layer_weights)
     sampling = model.get_model_object("model_sampling")
     app = AdapterApplication(
-        adapter, embeds, [weight * m for m in multipliers],
+        adapter, embeds, plans,
         sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
         mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, frame_weights=frame_weights,  # issue 10: per-frame weights
+        embeds_scaling=embeds_scaling, embeds_alt=embeds_alt,
     )
     m = model.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    foreign = [k for k, p in existing.items() if p.__class__.__name__ != "Attn2Replace"]
+    foreign = [k for k, p in existing.items() if not isinstance(p, Attn2Replace)]
     if foreign:
-        logger.warning("IPAKitApply: replacing %d attn2 patches of another node pack (e.g. %s)", len(foreign), foreign[0])
-    for (section, block_id, block_index), patch in chain_patches(existing, app, sites, host_text_attention).items():
-        m.set_model_attn2_replace(patch, section, block_id, block_index)
+        logger.info("IPAKitApply: chaining onto %d attn2 patches of another node pack (e.g. %s)", len(foreign), foreign[0])
+    for key, patch in chain_patches(existing, app, sites, host_text_attention).items():
+        m.set_model_attn2_replace(patch, *key)
     if app.fused:
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, f"ipakit_fusion_{app.uid}", FusionWrapper(app))
         if adapter.fusion is None:
             logger.info("IPAKitApply: %s has no trained fusion weights; fused mode uses the parameter-free fusion",
                         adapter.config.variant)
     return m
+
+
+def second_weight(weight_type: str, style_boost: float, composition_boost: float) -> float | None:
+    """The apply nodes' second weight: the precise types' boost; None (= the weight) for the other types."""
+    return {"style transfer precise": style_boost, "composition precise": composition_boost}.get(weight_type)
 
 
 class IPAKitEncodeImage(io.ComfyNode):
@@ -120,13 +151,16 @@ class IPAKitEncodeImage(io.ComfyNode):
                 adapter_input(),
                 clip_vision_input(),
                 io.Image.Input("image", tooltip="Reference image. A batch means several references, combined as below."),
-                io.Combo.Input("combine", options=COMBINE, default="concat",
-                               tooltip="Several references: concat keeps every image's tokens; average merges them into one."),
+                io.Combo.Input("combine", options=COMBINE, default="concat", tooltip=_COMBINE_TIP),
                 io.Combo.Input("crop", options=CROPS, default="center",
                                tooltip="How a non-square image becomes 224x224: center crop, squash, or pad to a square."),
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Optional negative reference: used for the unconditional side instead of the neutral one."),
                 *encode_extra_inputs(),  # issue 10: appended, so saved workflows keep their widget values
+                io.String.Input("reference_weights", default="", optional=True,
+                                tooltip="One weight per image of the batch, e.g. '1.0, 0.5' (empty = all 1). With concat "
+                                        "it scales that image's share of the image attention; with a merge it "
+                                        "multiplies that image's CLIP output first. The negative side gets the same."),
             ],
             outputs=[Embeds.Output("embeds", display_name="embeds",
                                    tooltip="Conditional and unconditional image tokens, for IPAKitApply.")],
@@ -134,13 +168,14 @@ class IPAKitEncodeImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter, clip_vision, image, combine="concat", crop="center", image_negative=None,
-                interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0) -> io.NodeOutput:
+                interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0,
+                reference_weights="") -> io.NodeOutput:
         from .reference import encode_prepared, uses_host_preprocessing
 
         if uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio):
-            return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative))
+            return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative, reference_weights))
         return io.NodeOutput(encode_prepared(adapter, clip_vision, image, combine, crop, image_negative, interpolation,
-                                             sharpening, enhance_tiles, enhance_ratio))
+                                             sharpening, enhance_tiles, enhance_ratio, reference_weights))
 
 
 class IPAKitApply(io.ComfyNode):
@@ -171,15 +206,26 @@ class IPAKitApply(io.ComfyNode):
                               tooltip="Optional mask: the image prompt acts only where the mask is white."),
                 Weights.Input("frame_weights", optional=True,  # issue 10
                               tooltip="Optional per-frame weights from IPAKitWeightSchedule (frame i of the latent batch)."),
+                *weight_type_inputs(),
+                io.Combo.Input("embeds_scaling", options=EMBEDS_SCALING, default="V only", optional=True,
+                               tooltip=_SCALING_TIP),
+                io.Float.Input("style_boost", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="style transfer precise only: weight of the composition layers, where the "
+                                       "reference acts as a negative (SDXL: start with 2)."),
+                io.Float.Input("composition_boost", default=0.0, min=-5.0, max=5.0, step=0.05, optional=True,
+                               tooltip="composition precise only: weight of the style layers, where the reference "
+                                       "acts as a negative (0 = only the composition layers act)."),
             ],
             outputs=[model_output("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.")],
         )
 
     @classmethod
     def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
-                layers="all", layer_weights="", attn_mask=None, frame_weights=None) -> io.NodeOutput:
+                layers="all", layer_weights="", attn_mask=None, frame_weights=None, weight_type="linear",
+                embeds_scaling="V only", style_boost=1.0, composition_boost=0.0) -> io.NodeOutput:
         return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
-                                   layer_weights, attn_mask, frame_weights))
+                                   layer_weights, attn_mask, frame_weights, weight_type, embeds_scaling,
+                                   second_weight(weight_type, style_boost, composition_boost)))
 
 
 class IPAKitApplySimple(io.ComfyNode):
@@ -197,10 +243,17 @@ class IPAKitApplySimple(io.ComfyNode):
                 io.Image.Input("image", tooltip="Reference image (a batch is concatenated)."),
                 io.Float.Input("weight", default=0.8, min=-1.0, max=5.0, step=0.05, tooltip=_WEIGHT_TIP),
                 io.Combo.Input("mode", options=MODES, default="scaled", tooltip=_MODE_TIP),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of the schedule where the image prompt starts."),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Fraction of the schedule where the image prompt stops."),
+                *weight_type_inputs(),
             ],
             outputs=[model_output("The model with the IP-Adapter applied.")],
         )
 
     @classmethod
-    def execute(cls, model, adapter, clip_vision, image, weight=0.8, mode="scaled") -> io.NodeOutput:
-        return io.NodeOutput(apply(model, adapter, encode(adapter, clip_vision, image), mode, weight))
+    def execute(cls, model, adapter, clip_vision, image, weight=0.8, mode="scaled", start_at=0.0, end_at=1.0,
+                weight_type="linear") -> io.NodeOutput:
+        return io.NodeOutput(apply(model, adapter, encode(adapter, clip_vision, image), mode, weight,
+                                   start_at=start_at, end_at=end_at, weight_type=weight_type))

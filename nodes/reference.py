@@ -148,11 +148,12 @@ def uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enha
 
 
 def encode_prepared(adapter, clip_vision, image, combine="concat", crop="center", image_negative=None,
-                    interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0):
+                    interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0, reference_weights=""):
     """ImageEmbeds with ipa_train's preparation (crop position, filter, sharpening) and the optional tile enhance."""
+    from ipa_train.adapter.references import parse_weight_list
     from ipa_train.hosts.comfy_patch import encode_embeds
 
     cond = clip_input(adapter, clip_vision, image, crop, interpolation, sharpening, enhance_tiles, enhance_ratio)
     adapter.check_clip_input(cond, source="CLIP vision model's output")
     uncond = unconditional_input(adapter, clip_vision, image_negative, (crop, interpolation, sharpening))
-    return encode_embeds(adapter, cond, uncond, combine)
+    return encode_embeds(adapter, cond, uncond, combine, parse_weight_list(reference_weights or "") or None)

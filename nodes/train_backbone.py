@@ -139,8 +139,8 @@ class ComfyBackbone:
         self.app = AdapterApplication(adapter, ImageEmbeds(zeros, zeros, adapter.config.variant), [1.0] * len(self.sites))
         m = self.base.clone()
         existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        for (section, block_id, block_index), patch in chain_patches(existing, self.app, self.sites, host_text_attention).items():
-            m.set_model_attn2_replace(patch, section, block_id, block_index)
+        for key, patch in chain_patches(existing, self.app, self.sites, host_text_attention).items():
+            m.set_model_attn2_replace(patch, *key)
         self.mm.load_models_gpu([m], force_full_load=True)
         _make_autograd_safe(m.model.diffusion_model)
         self.patched = m

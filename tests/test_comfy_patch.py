@@ -142,14 +142,14 @@ def test_chained_adapters_add_up_and_copies_share_tensors(adapter):
     sites = known_sites("sd15")[:3]
     first = chain_patches({}, a1, sites, Attn2Replace().text_attention)
     second = chain_patches(first, a2, sites, Attn2Replace().text_attention)
-    patch = second[sites[0].key]
+    patch = second[sites[0].key[:2]]
     assert [e[0] for e in patch.entries] == [a1, a2]
-    assert [e[0] for e in first[sites[0].key].entries] == [a1]  # the earlier model's patch is untouched
+    assert [e[0] for e in first[sites[0].key[:2]].entries] == [a1]  # the earlier model's patch is untouched
     q, k, v = _inputs(2)
     with torch.no_grad():
         out = patch(q, k, v, _options([0, 1], 2))
         ref = _expected(adapter, embeds, 0, q, k, v, [0, 1], 0.75)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     clone = copy.deepcopy({"attn2": second})
-    assert clone["attn2"][sites[0].key].entries[0][0] is a1
-    assert clone["attn2"][sites[0].key].entries[0][0].kv[0][0][0] is a1.kv[0][0][0]
+    assert clone["attn2"][sites[0].key[:2]].entries[0][0] is a1
+    assert clone["attn2"][sites[0].key[:2]].entries[0][0].kv[0][0][0] is a1.kv[0][0][0]

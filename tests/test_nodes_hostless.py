@@ -89,3 +89,31 @@ def test_every_node_declares_tooltips_and_prefixed_ids():
 
 CORE_TYPES = {"MODEL", "CLIP", "VAE", "CLIP_VISION", "IMAGE", "MASK", "LATENT", "CONDITIONING", "STRING", "FLOAT", "INT",
               "BOOLEAN", "COMBO"}
+
+
+def test_new_apply_inputs_are_appended_and_match_the_library():
+    """Saved workflows keep loading: the widgets they store are still first, in their order; the new ones are
+    optional (an API prompt without them validates) and list exactly the library's values."""
+    from ipa_train.adapter.attention import EMBEDS_SCALING
+    from ipa_train.adapter.references import COMBINE_METHODS
+    from ipa_train.adapter.weight_types import WEIGHT_TYPES
+
+    specs = load_specs()
+    before = {"IPAKitApply": ["model", "adapter", "embeds", "mode", "weight", "fusion_lambda", "start_at", "end_at",
+                              "layers", "layer_weights"],
+              "IPAKitApplySimple": ["model", "adapter", "clip_vision", "image", "weight", "mode"],
+              "IPAKitEncodeImage": ["adapter", "clip_vision", "image", "combine", "crop"]}
+    for node_id, names in before.items():
+        assert list(specs[node_id]["input"]["required"]) == names, node_id
+    def options(node_id, name):
+        spec = specs[node_id]["input"]
+        decl = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+        return decl[1]["options"] if decl[0] == "COMBO" else decl[0]
+
+    for node_id in ("IPAKitApply", "IPAKitApplySimple"):
+        assert options(node_id, "weight_type") == list(WEIGHT_TYPES)
+    for node_id in ("IPAKitApply", "IPAKitApplyStyleComposition"):
+        assert options(node_id, "embeds_scaling") == list(EMBEDS_SCALING)
+    assert options("IPAKitEncodeImage", "combine") == options("IPAKitApplyStyleComposition", "combine_embeds") == list(COMBINE_METHODS)
+    style = specs["IPAKitApplyStyleComposition"]["input"]["required"]
+    assert {"image_style", "image_composition", "weight_style", "weight_composition", "expand_style"} <= set(style)

@@ -75,6 +75,37 @@ def decoupled_attention(
     return add_image_attention(multihead_attention(q, k, v, heads), q, k_ip, v_ip, heads, weight, mask)
 
 
+EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+
+
+def scale_image_kv(k_ip: torch.Tensor, v_ip: torch.Tensor, weight: float, mode: str = "V only",
+                   groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The community pack's embeds_scaling: where the layer weight w enters the image attention.
+
+    Returns (k, v, w_out) such that the image term is `w_out * Attn(Q, k, v)`:
+    - "V only": k, v unchanged, w_out = w (the original IP-Adapter scale);
+    - "K+V": k = w*K, v = w*V, w_out = 1 (w also acts as an inverse softmax temperature);
+    - "K+V w/ C penalty": the same with w' = w * C / 1280, C = the layer's inner width (damps the shallow layers);
+    - "K+mean(V) w/ C penalty": k = w'*K, v = (V - mean(V)) + w' * mean(V), w_out = 1: only the token mean of V
+      is scaled. The mean is over each reference's own tokens (`groups` equal runs of the T tokens), as the
+      community pack takes it per image of its batch.
+
+    Args:
+        k_ip, v_ip: image keys/values [B, T, C].
+    """
+    if mode == "V only":
+        return k_ip, v_ip, weight
+    if mode not in EMBEDS_SCALING:
+        raise ValueError(f"unknown embeds_scaling {mode!r}; expected one of {EMBEDS_SCALING}")
+    w = weight * (k_ip.shape[-1] / 1280.0) if mode.endswith("C penalty") else weight
+    if mode == "K+mean(V) w/ C penalty":
+        b, t, c = v_ip.shape
+        grouped = v_ip.reshape(b, groups, t // groups, c)
+        mean = grouped.mean(dim=2, keepdim=True)
+        return k_ip * w, ((grouped - mean) + mean * w).reshape(b, t, c), 1.0
+    return k_ip * w, v_ip * w, 1.0
+
+
 def token_grid(latent_hw: tuple[int, int], seq_len: int) -> tuple[int, int]:
     """Height and width of a layer's token grid, given the latent size and the layer's sequence length.
 

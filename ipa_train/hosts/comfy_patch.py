@@ -10,14 +10,16 @@ so that a patch whose image branch is off returns exactly what the unpatched lay
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..adapter.attention import add_image_attention, mask_for_layer
+from ..adapter.attention import EMBEDS_SCALING, add_image_attention, mask_for_layer, scale_image_kv
 from ..adapter.modules import IPAdapter, multihead_attention
+from ..adapter.references import combine_clip, reference_weights, token_weights
+from ..adapter.weight_types import LayerPlan
 from ..errors import IPAKitError
 from . import frames
 
@@ -31,38 +33,80 @@ def default_text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ex
 
 @dataclass
 class ImageEmbeds:
-    """Projected image tokens of one reference (or combined references): cond and uncond, [1, T, C] each."""
+    """Projected image tokens of one reference (or combined references): cond and uncond, [1, T, C] each.
+
+    groups: how many references' tokens are concatenated (concat); the K+mean(V) scaling takes its mean per group.
+    token_weights: optional [T] multiplier of each image token's value (per-reference weights under concat).
+    """
 
     cond: torch.Tensor
     uncond: torch.Tensor
     variant: str
     num_images: int = 1
+    groups: int = 1
+    token_weights: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"ImageEmbeds({self.variant}, tokens={tuple(self.cond.shape)}, images={self.num_images})"
 
 
-def combine_references(embeds: torch.Tensor, method: str) -> torch.Tensor:
-    """Several references [N, ...] of one CLIP output -> the projection input: [1, N, ...] (concat) or [1, ...] (average)."""
-    if method == "concat":
-        return embeds.unsqueeze(0)
-    if method == "average":
-        return embeds.mean(dim=0, keepdim=True)
-    raise IPAKitError(f"unknown combine method {method!r}; expected 'concat' or 'average'")
-
-
-def encode_embeds(adapter: IPAdapter, cond_clip: torch.Tensor, uncond_clip: torch.Tensor, method: str = "concat") -> ImageEmbeds:
+def encode_embeds(adapter: IPAdapter, cond_clip: torch.Tensor, uncond_clip: torch.Tensor, method: str = "concat",
+                  weights: Sequence[float] | torch.Tensor | None = None) -> ImageEmbeds:
     """Project CLIP outputs of N references ([N, D] or [N, L, D]) and of the unconditional side to tokens.
 
-    The unconditional side is combined the same way, so cond and uncond have the same token count.
+    The unconditional side is combined the same way, with the same weights, so cond and uncond have the same
+    token count and a merge of N identical references equals that reference.
     """
     n = cond_clip.shape[0]
     if uncond_clip.shape[0] != n:
         uncond_clip = uncond_clip[:1].expand(n, *uncond_clip.shape[1:])
+    w = reference_weights(weights, n)
+    merge_w = None if method == "concat" else w
     with torch.no_grad():
-        cond = adapter.project(combine_references(cond_clip, method))
-        uncond = adapter.project(combine_references(uncond_clip, method))
-    return ImageEmbeds(cond, uncond, adapter.config.variant, n)
+        cond = adapter.project(combine_clip(cond_clip, method, merge_w))
+        uncond = adapter.project(combine_clip(uncond_clip, method, merge_w))
+    groups = n if method == "concat" else 1
+    tw = token_weights(w, cond.shape[1] // groups) if method == "concat" else None
+    return ImageEmbeds(cond, uncond, adapter.config.variant, n, groups, tw)
+
+
+def _weighted_values(kv: list[tuple[torch.Tensor, torch.Tensor]], tw: torch.Tensor | None) -> list:
+    if tw is None:
+        return kv
+    return [(k, v * tw.to(v).view(1, -1, 1)) for k, v in kv]
+
+
+def layer_kv(adapter: IPAdapter, embeds: ImageEmbeds, plans: list[LayerPlan], scaling: str = "V only",
+             alt: ImageEmbeds | None = None) -> tuple[dict[int, list], list[float]]:
+    """Image K/V of every layer for the cond (0) and uncond (1) rows, routed and scaled per layer.
+
+    Returns ({0: [(k, v) | None per layer], 1: [...]}, the weight left to multiply each layer's image term by).
+    A layer of weight 0 gets None: it does no image-attention work.
+    """
+    with torch.no_grad():
+        ref = _weighted_values(adapter.image_kv(embeds.cond), embeds.token_weights)
+        neutral = _weighted_values(adapter.image_kv(embeds.uncond), embeds.token_weights)
+        if alt is not None:
+            alt_c = _weighted_values(adapter.image_kv(alt.cond), alt.token_weights)
+            alt_u = _weighted_values(adapter.image_kv(alt.uncond), alt.token_weights)
+        kv: dict[int, list] = {0: [], 1: []}
+        post: list[float] = []
+        for i, plan in enumerate(plans):
+            if plan.weight == 0:
+                kv[0].append(None), kv[1].append(None), post.append(0.0)
+                continue
+            if plan.route == "alt" and alt is not None:
+                pair, groups = (alt_c[i], alt_u[i]), alt.groups
+            elif plan.route == "neg":  # the reference acts on the uncond rows only; zero tokens give a zero term
+                pair, groups = ((torch.zeros_like(ref[i][0]), torch.zeros_like(ref[i][1])), ref[i]), embeds.groups
+            else:
+                pair, groups = (ref[i], neutral[i]), embeds.groups
+            w_out = plan.weight
+            for c, (k, v) in enumerate(pair):
+                k, v, w_out = scale_image_kv(k, v, plan.weight, scaling, groups)
+                kv[c].append((k, v))
+            post.append(w_out)
+    return kv, post
 
 
 class AdapterApplication:
@@ -71,23 +115,30 @@ class AdapterApplication:
     Args:
         adapter: the adapter (its K/V projections are used once here; fused mode keeps it for per-call fusion).
         embeds: projected cond/uncond tokens.
-        layer_weights: effective weight of each layer (weight x preset multiplier), adapter order.
+        layer_weights: effective weight of each layer (weight x multipliers), adapter order; or `LayerPlan`s
+            (weight and route, from `adapter.weight_types`).
         sigma_start, sigma_end: the image branch is on while sigma_end <= sigma <= sigma_start.
         mask: optional [M, H, W] multiplier of the image branch (M = 1, or one per latent frame).
         frame_weights: optional per-frame weight multipliers [F] (frame i of the latent batch; the last repeats).
         mode: "scaled" or "fused"; in fused mode the cond tokens are fused with the text of each call.
         fusion_lambda: lambda of the fused mode.
+        embeds_scaling: where the weight enters the attention (`adapter.attention.EMBEDS_SCALING`).
+        embeds_alt: tokens of a second image, for layers routed "alt" (style and composition).
     """
 
-    def __init__(self, adapter: IPAdapter, embeds: ImageEmbeds, layer_weights: list[float],
+    def __init__(self, adapter: IPAdapter, embeds: ImageEmbeds, layer_weights: list,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, mask: torch.Tensor | None = None,
-                 mode: str = "scaled", fusion_lambda: float = 1.0, frame_weights: list[float] | None = None):
+                 mode: str = "scaled", fusion_lambda: float = 1.0, frame_weights: list[float] | None = None,
+                 embeds_scaling: str = "V only", embeds_alt: ImageEmbeds | None = None):
         if len(layer_weights) != adapter.config.cross_attention_layers:
             raise IPAKitError(f"{len(layer_weights)} layer weights for an adapter with {adapter.config.cross_attention_layers} layers")
         if mode not in ("scaled", "fused"):
             raise IPAKitError(f"mode must be 'scaled' or 'fused', got {mode!r}")
+        if embeds_scaling not in EMBEDS_SCALING:
+            raise IPAKitError(f"embeds_scaling must be one of {', '.join(EMBEDS_SCALING)}; got {embeds_scaling!r}")
         self.uid = uuid.uuid4().hex
-        self.weights = [float(w) for w in layer_weights]
+        self.plans = [p if isinstance(p, LayerPlan) else LayerPlan(float(p)) for p in layer_weights]
+        self.weights = [p.weight for p in self.plans]
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self.mask = mask
         self.mode = mode
@@ -96,8 +147,11 @@ class AdapterApplication:
         self.adapter = adapter if self.fused else None
         self.cond_tokens = embeds.cond
         self.frame_weights = frames.check_frame_weights(frame_weights)  # [frames hook 1] per-frame weights
-        with torch.no_grad():
-            self.kv = {0: adapter.image_kv(embeds.cond), 1: adapter.image_kv(embeds.uncond)}  # [(k, v) [1, T, h]] per layer
+        self.token_weights = embeds.token_weights
+        self.groups = embeds.groups
+        self.embeds_scaling = embeds_scaling
+        # {0: cond rows, 1: uncond rows} -> [(k, v) [1 or F, T, h] | None] per layer; post[i] multiplies layer i's term
+        self.kv, self.post = layer_kv(adapter, embeds, self.plans, embeds_scaling, embeds_alt)
         self._cache: dict[Any, Any] = {}
 
     # ComfyUI deep-copies model_options on every clone: share the tensors, never copy them.
@@ -105,7 +159,8 @@ class AdapterApplication:
         return self
 
     def to(self, device: Any) -> AdapterApplication:
-        self.kv = {c: [(k.to(device), v.to(device)) for k, v in layers] for c, layers in self.kv.items()}
+        self.kv = {c: [None if kv is None else (kv[0].to(device), kv[1].to(device)) for kv in layers]
+                   for c, layers in self.kv.items()}
         self.cond_tokens = self.cond_tokens.to(device)
         if self.adapter is not None:
             self.adapter.to(device)
@@ -144,8 +199,10 @@ class AdapterApplication:
         return hit
 
     def call_kv(self, text: torch.Tensor, cond_or_uncond: list[int],
-                extra_options: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Fused mode, once per model call: fuse the cond tokens with each cond row's text [B, S, C]."""
+                extra_options: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Fused mode, once per model call: fuse the cond tokens with each cond row's text [B, S, C].
+
+        Only layers routed "ref" fuse (None elsewhere: those use the precomputed K/V)."""
         assert self.adapter is not None
         b = text.shape[0]
         per_chunk = b // max(1, len(cond_or_uncond))
@@ -155,18 +212,22 @@ class AdapterApplication:
             # [frames hook 3] per-frame embeds: each row fuses its own frame's tokens
             tokens = frames.select_rows(self.cond_tokens.to(text.device, adapter_dtype), cond_or_uncond, b, extra_options or {})
             fused = self.adapter.fuse(tokens, text.to(adapter_dtype), self.fusion_lambda)  # [B, T, C]
-            cond_kv = self.adapter.image_kv(fused)
-        out = []
-        for (k_c, v_c), (k_u, v_u) in zip(cond_kv, self.kv[1]):
-            rows = is_cond.view(-1, 1, 1)
-            k_u = frames.select_rows(k_u, cond_or_uncond, b, extra_options or {})
-            v_u = frames.select_rows(v_u, cond_or_uncond, b, extra_options or {})
+            cond_kv = _weighted_values(self.adapter.image_kv(fused), self.token_weights)
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        rows = is_cond.view(-1, 1, 1)
+        for plan, (k_c, v_c), uncond in zip(self.plans, cond_kv, self.kv[1]):
+            if plan.route != "ref" or uncond is None:
+                out.append(None)
+                continue
+            k_c, v_c, _ = scale_image_kv(k_c, v_c, plan.weight, self.embeds_scaling, self.groups)
+            k_u = frames.select_rows(uncond[0], cond_or_uncond, b, extra_options or {})
+            v_u = frames.select_rows(uncond[1], cond_or_uncond, b, extra_options or {})
             out.append((torch.where(rows, k_c, k_u.to(k_c)), torch.where(rows, v_c, v_u.to(v_c))))
         return out
 
     def image_term_kv(self, index: int, q: torch.Tensor, extra_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
         per_call = extra_options.get(CALL_KV_KEY, {}).get(self.uid)
-        if per_call is not None:
+        if per_call is not None and per_call[index] is not None:
             k, v = per_call[index]
             return k.to(q), v.to(q)
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
@@ -190,41 +251,68 @@ class AdapterApplication:
         return hit
 
     def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict) -> torch.Tensor:
-        weight = self.weights[index]
-        if weight == 0 or not self.active(extra_options):
-            return out
+        if self.weights[index] == 0 or not self.active(extra_options):
+            return out  # no image-attention work at all
         k, v = self.image_term_kv(index, q, extra_options)
+        weight = self.post[index]
         if self.frame_weights is not None:  # [frames hook 5] per-frame weights, [B] multipliers
             cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
             weight = weight * frames.frame_weight_rows(self.frame_weights, cond_or_uncond, q.shape[0], extra_options)
         return add_image_attention(out, q, k, v, extra_options["n_heads"], weight, self.layer_mask(q, extra_options))
 
 
+def _community_active(kwargs: dict, extra_options: dict) -> bool:
+    """The sigma gate of an adapter added through the community pack's protocol (its kwargs carry the bounds)."""
+    sigmas = extra_options.get("sigmas")
+    sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else float("inf")
+    return float(kwargs.get("sigma_end", 0.0)) <= sigma <= float(kwargs.get("sigma_start", float("inf")))
+
+
 class Attn2Replace:
-    """The callable registered for one cross-attention layer; chains every adapter applied to that layer."""
+    """The callable registered for one cross-attention layer; chains every adapter applied to that layer.
+
+    It coexists with the community pack (cubiq/ComfyUI_IPAdapter_plus) on one key, in either order:
+    - `base`: a patch of another pack that was on this key when ours came; it computes text attention plus its
+      own image terms, and ours are added to its result;
+    - `add(callback, **kwargs)`: the protocol that pack uses to chain one more adapter onto whatever patch holds
+      the key: in place, `out += callback(out, q, k, v, extra_options, **kwargs)` while its sigma gate holds.
+    """
 
     def __init__(self, text_attention: TextAttention = default_text_attention,
-                 entries: tuple[tuple[AdapterApplication, int], ...] = ()):
+                 entries: tuple[tuple[AdapterApplication, int], ...] = (), base: Callable | None = None,
+                 community: list[tuple[Callable, dict]] | None = None):
         self.text_attention = text_attention
         self.entries = tuple(entries)
+        self.base = base
+        self.community = list(community or [])
 
-    def add(self, app: AdapterApplication, index: int) -> Attn2Replace:
-        """A new patch with one more adapter (patches are shared between clones, so never mutate one)."""
-        return Attn2Replace(self.text_attention, self.entries + ((app, index),))
+    def add(self, app: Any, index: int | None = None, **kwargs: Any) -> Attn2Replace | None:
+        """Ours: `add(app, index)` returns a new patch with one more adapter (patches are shared between clones,
+        so ours never mutate one). The community pack's `add(callback, **kwargs)` chains in place."""
+        if isinstance(app, AdapterApplication):
+            return Attn2Replace(self.text_attention, self.entries + ((app, int(index)),), self.base, self.community)
+        self.community.append((app, kwargs))
+        return None
 
     def __deepcopy__(self, memo: dict) -> Attn2Replace:
-        return Attn2Replace(self.text_attention, self.entries)
+        return Attn2Replace(self.text_attention, self.entries, self.base, self.community)
 
     def to(self, device: Any) -> Attn2Replace:
         for app, _ in self.entries:
             app.to(device)
+        if self.base is not None and hasattr(self.base, "to"):
+            self.base.to(device)
         return self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        out = self.text_attention(q, k, v, extra_options)
+        base = self.base if self.base is not None else self.text_attention
+        out = base(q, k, v, extra_options)
         for app, index in self.entries:
             out = app.add_to(out, q, index, extra_options)
-        return out
+        for callback, kwargs in self.community:
+            if _community_active(kwargs, extra_options):
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out.to(q.dtype)
 
 
 class FusionWrapper:
@@ -249,18 +337,37 @@ class FusionWrapper:
 
 
 
+def patch_key(site: Any, depth: int, existing: dict) -> tuple:
+    """The attn2 key to patch a site under: ComfyUI looks a layer up by `(section, block_id, block_index)` first,
+    then by `(section, block_id)`. A spatial transformer of depth 1 (every SD1.5 layer) is patched under the short
+    key, where the community pack patches it, so that neither pack shadows the other; the long key is used for
+    deeper ones (SDXL), or when a patch is already there."""
+    if depth > 1 or site.key in existing:
+        return site.key
+    return site.key[:2]
+
+
 def chain_patches(existing: dict, app: AdapterApplication, sites: list, text_attention: TextAttention) -> dict:
-    """New attn2 replace patches, one per site key, adding `app` to whatever of ours is already there.
+    """New attn2 replace patches, one per site, adding `app` to whatever is already on the site's key.
 
     Args:
         existing: the model's current `patches_replace["attn2"]` dict (key -> patch).
         sites: `layout.Site`s in adapter order (site.index is the adapter layer).
     Returns:
-        key -> Attn2Replace for every site; a foreign patch already on a key is replaced (the caller warns).
+        key (2 or 3 parts, see `patch_key`) -> Attn2Replace; ours already there is extended (a new object), a
+        patch of another pack becomes the new patch's base.
     """
+    depth: dict[tuple, int] = {}
+    for site in sites:
+        depth[site.key[:2]] = depth.get(site.key[:2], 0) + 1
     out = {}
     for site in sites:
-        current = existing.get(site.key)
-        base = current if isinstance(current, Attn2Replace) else Attn2Replace(text_attention)
-        out[site.key] = base.add(app, site.index)
+        key = patch_key(site, depth[site.key[:2]], existing)
+        # the patch ComfyUI calls for this layer now
+        current = existing.get(site.key, existing.get(site.key[:2]))
+        if isinstance(current, Attn2Replace):
+            base = current
+        else:
+            base = Attn2Replace(text_attention, base=current if callable(current) else None)
+        out[key] = base.add(app, site.index)
     return out

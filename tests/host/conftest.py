@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+PACK = os.environ.get("IPADAPTER_PLUS_PATH", "")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,3 +55,50 @@ def kit(comfy):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def cubiq(comfy):
+    """The community pack (cubiq/ComfyUI_IPAdapter_plus, GPL-3.0: run as an oracle, never copied here), imported
+    in-process from IPADAPTER_PLUS_PATH: (its utils module, its IPAdapterPlus module)."""
+    if not PACK or not (Path(PACK) / "IPAdapterPlus.py").is_file():
+        pytest.skip("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
+    name = "cubiq_ipadapter_plus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(PACK) / "__init__.py", submodule_search_locations=[PACK])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name + ".utils"], sys.modules[name + ".IPAdapterPlus"]
+
+
+def tiny_comfy_model(comfy, family: str, seed: int = 0):
+    """A ComfyUI ModelPatcher of a UNet with SD1.5's (16) or SDXL's (70) cross-attention layout and block ids,
+    tiny widths (32 channels) and the real text width (768 / 2048, which the community pack reads the family
+    from), random fp32 weights; EPS prediction with SD1.5's schedule. No adm input, so no pooled text needed."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    cfg = dict(use_checkpoint=False, image_size=32, out_channels=4, in_channels=4, model_channels=32,
+               use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False,
+               adm_in_channels=None)
+    if family == "sd15":
+        cfg.update(num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4],
+                   transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8,
+                   transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    else:
+        cfg.update(num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4],
+                   transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=16,
+                   transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+    config = comfy.supported_models.SD15(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the host's layers are created uninitialised
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)

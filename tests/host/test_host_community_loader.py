@@ -5,11 +5,6 @@ Runs when IPADAPTER_PLUS_PATH names a checkout of that pack (it is GPL-3.0: read
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,20 +13,6 @@ from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
 from ipa_train.adapter.layout import known_sites
 
 from ..factories import random_adapter
-
-PACK = os.environ.get("IPADAPTER_PLUS_PATH", "")
-
-
-@pytest.fixture(scope="module")
-def cubiq(comfy):
-    if not PACK or not (Path(PACK) / "IPAdapterPlus.py").is_file():
-        pytest.skip("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
-    spec = importlib.util.spec_from_file_location("cubiq_ipadapter_plus", Path(PACK) / "__init__.py",
-                                                  submodule_search_locations=[PACK])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cubiq_ipadapter_plus"] = module
-    spec.loader.exec_module(module)
-    return sys.modules["cubiq_ipadapter_plus.utils"], sys.modules["cubiq_ipadapter_plus.IPAdapterPlus"]
 
 
 @pytest.mark.parametrize("projection", ["plain", "plus"])

@@ -138,7 +138,7 @@ def test_zero_region_equals_unpatched_and_regions_combine(models, kit):
     m2, _, _ = regions_mod.IPAKitRegion.execute(m1, adapter, e1, right, 1.0).result
     assert neg is None and torch.equal(pos[0][1]["mask"], left[None]) and "mask" not in cond[0][1]
     both, only_left = _eps(m2, *inputs), _eps(m1, *inputs)
-    assert len(m2.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].entries) == 2
+    assert len(m2.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].entries) == 2
     assert (both - only_left).abs().max() > 1e-4 and (only_left - base).abs().max() > 1e-4
 
 
@@ -166,7 +166,7 @@ def test_tiled_apply_masks_cover_the_latent_once(models, kit):
     model, tiles, masks = tiles_mod.IPAKitApplyTiled.execute(patcher, adapter, cv, image, 0.8).result
     assert tiles.shape == (3, 224, 224, 3) and masks.shape == (3, 64, 160)
     assert torch.equal(masks.sum(0), torch.ones(64, 160)) and all(s == (1, 224, 224, 3) for s in cv.seen)
-    entries = model.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)].entries
+    entries = model.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0)].entries
     assert len(entries) == 3
     x, t, ctx = torch.randn(2, 4, 8, 16), torch.tensor([500, 500]), torch.randn(2, 77, 768)
     assert (_eps(model, x, t, ctx, [0, 1]) - _eps(patcher, x, t, ctx, [0, 1])).abs().max() > 1e-4
