@@ -1,13 +1,13 @@
 """Accuracy against training steps on the shapes world, for plain, plus and fused adapters (one run each).
 
-    python benchmarks/bench_toy_learning.py [--steps 400] [--every 100] [--samples 64] [--attribute colour]
+    python benchmarks/bench_toy_learning.py [--steps 1200] [--every 400] [--samples 64] [--attribute colour]
 
 Each variant trains once with the library's `train` on 256 world images whose captions leave the attribute out
 (the shipped toy base model, CPU, batch 16, lr 1e-3), writing a checkpoint every `--every` steps; each
 checkpoint's adapter then samples `--samples` prompts without the attribute, with a reference of a known value,
 and the oracle reads them. Printed: the share showing the reference's value (chance: 1/8 for colour, 1/3 for
 shape), at weight 1 (scaled) and, for the first variant, at weight 0. "fused" trains with `--fusion`
-(lambda 0.5) and samples in fused mode at lambda 0.8.
+(lambda 0.5) and samples in fused mode at lambda 0.8; "plus-fused" does the same with the plus projection.
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ from ipa_train.toy.experiment import train_world_adapter, transfer_accuracy  # n
 from ipa_train.toy.model import toy_backbone  # noqa: E402
 
 VARIANTS = {"plain": ("plain", False, "scaled", 1.0), "plus": ("plus", False, "scaled", 1.0),
-            "fused": ("plain", True, "fused", 0.8)}
+            "fused": ("plain", True, "fused", 0.8), "plus-fused": ("plus", True, "fused", 0.8)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--every", type=int, default=400)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--attribute", choices=("colour", "shape"), default="colour")
-    parser.add_argument("--variants", default="plain,plus,fused")
+    parser.add_argument("--variants", default="plain,plus,fused,plus-fused")
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -50,7 +51,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             train_world_adapter(backbone, tmp, attribute=args.attribute, projection=projection, fusion=fusion,
-                                steps=args.steps, save_every=args.every)
+                                steps=args.steps, save_every=args.every, lr=args.lr, keep_checkpoints=0)
             seconds = time.perf_counter() - started
             rows = []
             checkpoints = sorted((Path(tmp) / "checkpoints").glob("checkpoint-*"))

@@ -1,6 +1,6 @@
 """Fused mode against scaled mode on the shapes world, when the prompt's colour conflicts with the reference's.
 
-    python benchmarks/toy_fused_table.py [--steps 400] [--pairs 16] [--seeds 4] [--no-fusion-training]
+    python benchmarks/toy_fused_table.py [--steps 1000] [--projection plus] [--pairs 16] [--seeds 4] [--no-fusion-training]
 
 Trains one colour adapter on world images with colourless captions (by default with `--fusion`, lambda 0.5,
 so the fusion weights are trained; `--no-fusion-training` trains a scaled-mode adapter and samples fused mode
@@ -32,7 +32,8 @@ from ipa_train.toy.model import toy_backbone  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--projection", choices=("plain", "plus"), default="plus")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--no-fusion-training", action="store_true")
@@ -43,8 +44,9 @@ def main() -> None:
     backbone = toy_backbone()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = train_world_adapter(backbone, tmp, fusion=not args.no_fusion_training, steps=args.steps)
-        print(f"trained {args.steps} steps in {time.perf_counter() - started:.0f} s "
+        result = train_world_adapter(backbone, tmp, projection=args.projection, fusion=not args.no_fusion_training,
+                                    steps=args.steps)
+        print(f"trained a {args.projection} adapter {args.steps} steps in {time.perf_counter() - started:.0f} s "
               f"({'fusion trained' if not args.no_fusion_training else 'scaled training'})", flush=True)
         rows = fused_table(backbone, result.adapter, pairs=args.pairs, seeds=args.seeds)
     print("| weight | mode | lambda | follows prompt colour | follows reference colour | pixel diversity | CLIP diversity |")

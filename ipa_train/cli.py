@@ -147,16 +147,16 @@ def _encoder_dtype(config, device) -> typing.Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import REAL_MODEL_COMMAND, run_demo
+    from .demo import DEMO_STEPS, REAL_MODEL_COMMAND, run_demo
     from .outputs import MB, check_output_dir
 
     for flag, name, lo, hi in (("--steps", "steps", 1, 10**6), ("--sample-steps", "sample_steps", 1, 1000),
                                ("--seed", "seed", 0, 2**64 - 1), ("--seeds", "seeds", 1, 64), ("--threads", "threads", 1, 256)):
         check_range(flag, getattr(args, name, None), lo, hi)
     check_output_dir(args.output, 32 * MB, "demo output folder")  # the demo writes about 10 MB
-    steps = args.steps if args.steps is not None else (120 if args.random_backbone else 400)
+    steps = args.steps if args.steps is not None else (120 if args.random_backbone else DEMO_STEPS)
     result = run_demo(args.output, steps=steps, seed=args.seed, seeds=args.seeds, random_backbone=args.random_backbone,
-                      sample_steps=args.sample_steps, threads=args.threads)
+                      sample_steps=args.sample_steps, threads=args.threads, projection=args.projection)
     _out(f"adapter:   {result.adapter}")
     _out(f"loss plot: {result.loss_plot}")
     if args.random_backbone:
@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="offline demo: train an adapter on the shapes world with the shipped toy model, "
                                     "sample with and without it, report how often the reference colour comes through")
     s.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
-    s.add_argument("--steps", type=int, default=None, help="training steps (default: 400; 120 with --random-backbone)")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: 1000; 120 with --random-backbone)")
+    s.add_argument("--projection", choices=("plus", "plain"), default="plus",
+                   help="adapter projection of the shapes demo (default: plus; plain learns slower on the toy encoder)")
     s.add_argument("--seeds", type=int, default=4, help="samples per reference and column (default: 4)")
     s.add_argument("--random-backbone", action="store_true",
                    help="former smoke run: tiny random backbone on the embedded photos (checks plumbing, not quality)")

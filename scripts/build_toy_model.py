@@ -3,7 +3,7 @@
 Deterministic: the same arguments give the same weights, bit for bit (fixed seed and thread count). The
 defaults are the settings of the shipped file; its metadata records them (`info.config`).
 
-    python scripts/build_toy_model.py                       # about 45-65 minutes on a shared 2-core CPU (one thread)
+    python scripts/build_toy_model.py                       # about 30-40 minutes on a 2-core CPU (one thread)
     python scripts/build_toy_model.py --output /tmp/m.safetensors --steps 200   # quick check
 """
 

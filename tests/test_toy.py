@@ -13,10 +13,10 @@ from ipa_train.toy import world
 from ipa_train.toy.model import FORMAT, SHIPPED, build_tokenizer, load_components, toy_backbone
 from ipa_train.toy.oracle import accuracy, read, read_batch
 
-LEARNING_STEPS = 200  # plain adapter, batch 16 (about 40 s on one free core)
-# Bars of this suite: regression guards just under what the shipped model measured (README, "The shapes world").
-# The plan asked for 90 % colour / 70 % shape text-only and 80 % learned colour; the shipped model measures
-# 97 % / 55 % (64 samples) and the adapter about 60 %: the shape and learning bars of the plan are not met.
+LEARNING_STEPS = 1000  # plus adapter, batch 16 (about 2 minutes on one free core)
+# The bars are the plan's (README, "The shapes world"): text-only colour >= 90 % and shape >= 70 %; an adapter
+# trained with colourless captions shows the reference colour in >= 80 % of samples, and stays near chance
+# (1/8) at weight 0. CPU runs are deterministic, so a pass here is a pass on the same torch build.
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_shipped_model_file_is_small_and_self_describing():
     with safe_open(str(SHIPPED), framework="pt") as f:
         meta = f.metadata()
     assert meta["format"] == FORMAT
-    assert set(json.loads(meta["configs"])) == {"unet", "text_encoder", "image_encoder", "scheduler"}
+    assert set(json.loads(meta["configs"])) == {"unet", "vae", "text_encoder", "image_encoder", "scheduler"}
     assert json.loads(meta["info"])["steps"] > 0
 
 
@@ -111,17 +111,40 @@ def test_missing_or_foreign_model_file_is_one_clear_error(tmp_path):
 
 def test_backbone_vae_stand_in_is_exact(backbone):
     images = world.render(world.random_scenes(4, torch.Generator().manual_seed(1)))
+    p = backbone.get("vae").patch
     latents, std = backbone.encode_latents(images * 2 - 1)
-    assert latents.shape == (4, 48, 8, 8) and float(std.abs().max()) == 0.0
+    assert latents.shape == (4, 3 * p * p, 32 // p, 32 // p) and float(std.abs().max()) == 0.0
     torch.testing.assert_close(backbone.decode(latents), images, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_every_patch_size_builds_an_exact_stand_in_and_a_matching_unet(patch):
+    from ipa_train.toy.model import build_components, default_configs
+
+    parts = build_components(default_configs(patch))
+    images = world.render(world.random_scenes(2, torch.Generator().manual_seed(2))) * 2 - 1
+    latents = parts["vae"].encode(images).latent_dist.mean  # [2, 3*p*p, 32/p, 32/p]
+    assert latents.shape == (2, 3 * patch * patch, 32 // patch, 32 // patch)
+    torch.testing.assert_close(parts["vae"].decode(latents).sample, images, rtol=0, atol=0)
+    ehs = torch.zeros(2, 12, parts["unet"].config.cross_attention_dim)
+    assert parts["unet"](latents, torch.tensor([5, 500]), ehs).sample.shape == latents.shape
+    # `generate` reads the downscale as 2 ** (len(block_out_channels) - 1)
+    assert 2 ** (len(parts["vae"].config.block_out_channels) - 1) == patch
+
+
+def test_unsupported_patch_is_one_clear_error():
+    from ipa_train.toy.model import default_configs
+
+    with pytest.raises(IPAKitError, match="patch 3 is not supported"):
+        default_configs(3)
 
 
 def test_shipped_model_draws_the_prompt():
     from ipa_train.toy.pretrain import text_only_accuracy
 
-    acc = text_only_accuracy(load_components(), n=24, seed=99)  # measured: colour 0.92, shape 0.42 (chance 0.33)
-    assert acc["colour"] >= 0.85, acc
-    assert acc["shape"] >= 0.38, acc
+    acc = text_only_accuracy(load_components(), n=64, seed=99)  # the plan's bars, on 64 samples
+    assert acc["colour"] >= 0.9, acc
+    assert acc["shape"] >= 0.7, acc
 
 
 def test_pretraining_is_reproducible(tmp_path):
@@ -140,15 +163,14 @@ def test_pretraining_is_reproducible(tmp_path):
 
 @pytest.mark.slow
 def test_adapter_learns_the_reference_colour(backbone, tmp_path):
-    """Colourless captions: only the reference carries the colour (chance 1/8); weight 0 stays near chance.
-
-    Measured after 200 steps: 0.60 with the adapter, 0.125 at weight 0 (48 samples)."""
+    """Colourless captions: only the reference carries the colour (chance 1/8); weight 0 stays near chance."""
     from ipa_train.toy.experiment import train_world_adapter, transfer_accuracy
 
-    result = train_world_adapter(backbone, tmp_path, steps=int(os.environ.get("IPAKIT_TOY_STEPS", LEARNING_STEPS)))
-    learned = transfer_accuracy(backbone, result.adapter, n=48)
-    baseline = transfer_accuracy(backbone, result.adapter, n=48, weight=0.0)
-    assert learned >= 0.45, (learned, baseline)
+    steps = int(os.environ.get("IPAKIT_TOY_STEPS", LEARNING_STEPS))
+    result = train_world_adapter(backbone, tmp_path, projection="plus", steps=steps, save_every=0)
+    learned = transfer_accuracy(backbone, result.adapter, n=64)
+    baseline = transfer_accuracy(backbone, result.adapter, n=64, weight=0.0)
+    assert learned >= 0.8, (learned, baseline)
     assert baseline <= 0.3, (learned, baseline)
 
 
@@ -180,3 +202,16 @@ def test_demo_writes_grid_samples_and_report(tmp_path):
     assert set(report["accuracy_reference_colour"]) == {"no adapter", "scaled", "fused"}
     for column, acc in report["accuracy_reference_colour"].items():
         assert f"{column:<11} {acc:6.1%}" in r.stdout
+
+
+def test_fused_table_reports_every_setting(backbone, tmp_path):
+    """The table of the fused-mode benchmark: one row per (weight, lambda), shares in [0, 1], diversity >= 0."""
+    from ipa_train.toy.experiment import fused_table, train_world_adapter
+
+    adapter = train_world_adapter(backbone, tmp_path, steps=2, batch_size=2, images=4).adapter
+    rows = fused_table(backbone, adapter, lambdas=(1.0, 0.4), weights=(1.0,), pairs=2, seeds=2)
+    assert [(r["weight"], r["lambda"]) for r in rows] == [(1.0, 1.0), (1.0, 0.4)]
+    for r in rows:
+        assert r["samples"] == 4
+        assert 0 <= r["prompt_colour"] + r["reference_colour"] <= 1  # prompt and reference colours differ
+        assert r["pixel_diversity"] > 0 and r["clip_diversity"] >= 0

@@ -120,7 +120,7 @@ def pixel_diversity(images: torch.Tensor) -> float:
 
 def clip_embedder(folder: str | os.PathLike | None = None) -> Any:
     """The tiny random CLIP of the tests as `CLIPEmbedder` (for "our CLIP diversity" offline)."""
-    from ..evaluation.evaluate import CLIPEmbedder
+    from ..evaluation import CLIPEmbedder
     from .tiny import write_tiny_clip
 
     if folder is None:
@@ -151,7 +151,7 @@ def fused_table(backbone: Any, adapter: Any, lambdas: tuple[float, ...] = (1.0, 
     The prompt names a colour, the reference shows another one. Lambda 1.0 is scaled mode exactly (the
     fusion returns the image tokens unchanged).
     """
-    from ..evaluation.evaluate import diversity
+    from ..evaluation import diversity
 
     embedder = embedder or clip_embedder()
     cases = conflict_pairs(pairs, seed)

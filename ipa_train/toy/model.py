@@ -1,9 +1,10 @@
 """The toy base model of the shapes world: components, one-file save/load, and the `DiffusersBackbone` over it.
 
 Components (by the names `DiffusersBackbone(components=...)` takes):
-    * unet: a diffusers `UNet2DConditionModel` on 8x8x48 "latents", cross-attention at 8x8 and 4x4
-      (pretrained on the world by `ipa_train.toy.pretrain`);
-    * vae: `PixelUnshuffleVAE`, a parameter-free exact stand-in: 32x32 RGB <-> 8x8x48 by pixel-(un)shuffle by 4;
+    * unet: a diffusers `UNet2DConditionModel` on 16x16x12 "latents": convolutions only at 16x16, cross-attention
+      at 8x8 and 4x4 (pretrained on the world by `ipa_train.toy.pretrain`);
+    * vae: `PixelUnshuffleVAE`, a parameter-free exact stand-in: 32x32 RGB <-> 16x16x12 by pixel-(un)shuffle by 2
+      (`patch` 4, 8x8x48, is also supported: it trained slower and drew blurrier shapes, see the README);
     * text_encoder: a random `CLIPTextModel`; tokenizer: a word-level tokenizer over the world's vocabulary;
     * scheduler: `DDPMScheduler` (cosine betas, v-prediction: robust sampling from a small model);
     * image_encoder: a random `CLIPVisionModelWithProjection` at the real 224 px input.
@@ -29,21 +30,33 @@ from .world import IMAGE_SIZE, vocabulary
 SHIPPED = Path(__file__).resolve().parent / "shapes_base.safetensors"
 FORMAT = "ipakit-toy-shapes-v1"
 TEXT_WIDTH = 64
-PATCH = 4  # pixel-unshuffle factor of the VAE stand-in: 32x32x3 images <-> 8x8x48 latents
+PATCH = 2  # pixel-unshuffle factor of the shipped VAE stand-in: 32x32x3 images <-> 16x16x12 latents
 MAX_TOKENS = 12
 _SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
-def default_configs() -> dict[str, dict[str, Any]]:
+def _unet_config(patch: int) -> dict[str, Any]:
+    """patch 4: 8x8x48 latents, two levels, both with cross-attention; patch 2: 16x16x12 latents, a first
+    level without attention (convolutions only: attention at 16x16 costs the most), then 8x8 and 4x4."""
+    common = {"sample_size": IMAGE_SIZE // patch, "in_channels": 3 * patch * patch, "out_channels": 3 * patch * patch,
+              "layers_per_block": 1, "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": 16,
+              "norm_num_groups": 16}
+    if patch == 4:
+        return {**common, "block_out_channels": [64, 96],
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+    if patch == 2:
+        return {**common, "block_out_channels": [32, 64, 96],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+    raise IPAKitError(f"toy model patch {patch} is not supported; expected 2 or 4")
+
+
+def default_configs(patch: int = PATCH) -> dict[str, dict[str, Any]]:
     """The component configs of the toy model (JSON-able; stored in the weight file's metadata)."""
     return {
-        "unet": {
-            "sample_size": IMAGE_SIZE // PATCH, "in_channels": 3 * PATCH * PATCH, "out_channels": 3 * PATCH * PATCH,
-            "layers_per_block": 1, "block_out_channels": [64, 96],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": 16, "norm_num_groups": 16,
-        },
+        "unet": _unet_config(patch),
+        "vae": {"patch": patch},
         "text_encoder": {
             "vocab_size": len(_SPECIALS) + len(vocabulary()), "hidden_size": TEXT_WIDTH, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS,
@@ -67,16 +80,17 @@ class _LatentDist:
 
 
 class PixelUnshuffleVAE(nn.Module):
-    """Exact, parameter-free VAE stand-in: images [B, 3, H, W] in [-1, 1] <-> latents [B, 48, H/4, W/4].
+    """Exact, parameter-free VAE stand-in: images [B, 3, H, W] in [-1, 1] <-> latents [B, 3*p*p, H/p, W/p].
 
     `config` mimics `AutoencoderKL.config` where the training and sampling code reads it (scaling factor 1;
-    `block_out_channels` of length 3 means a downscale of 2**2 = 4, as `generate` computes it).
+    `block_out_channels` of length k means a downscale of 2**(k-1) = p, as `generate` computes it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, patch: int = PATCH) -> None:
         super().__init__()
-        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, latent_channels=3 * PATCH * PATCH,
-                                      block_out_channels=(3 * PATCH * PATCH,) * 3)
+        self.patch = patch
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, latent_channels=3 * patch * patch,
+                                      block_out_channels=(3 * patch * patch,) * (patch.bit_length()))
         self.register_buffer("_dtype_probe", torch.zeros(()), persistent=False)
 
     @property
@@ -84,10 +98,10 @@ class PixelUnshuffleVAE(nn.Module):
         return self._dtype_probe.dtype
 
     def encode(self, pixels: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(latent_dist=_LatentDist(nn.functional.pixel_unshuffle(pixels, PATCH)))
+        return SimpleNamespace(latent_dist=_LatentDist(nn.functional.pixel_unshuffle(pixels, self.patch)))
 
     def decode(self, latents: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(sample=nn.functional.pixel_shuffle(latents, PATCH))
+        return SimpleNamespace(sample=nn.functional.pixel_shuffle(latents, self.patch))
 
 
 def build_tokenizer() -> Any:
@@ -117,7 +131,8 @@ def build_components(configs: dict[str, dict[str, Any]] | None = None, seed: int
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     torch.manual_seed(seed + 2)
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["image_encoder"]))
-    return {"unet": unet, "vae": PixelUnshuffleVAE(), "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
+    vae = PixelUnshuffleVAE(cfg.get("vae", {}).get("patch", 4))  # files written before "vae" was stored: 4
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": build_tokenizer(),
             "scheduler": DDPMScheduler(**cfg["scheduler"]), "image_encoder": image_encoder}
 
 

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
-    steps: int = 3600
+    steps: int = 6500
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
@@ -39,10 +39,11 @@ class PretrainConfig:
     drop_colour: float = 0.15
     drop_shape: float = 0.15
     drop_background: float = 0.3
+    patch: int = 2  # VAE stand-in: 2 -> 16x16x12 latents, 4 -> 8x8x48 (see `model.default_configs`)
     seed: int = 0
     threads: int = 1  # fixed: the reduction order (and so every weight) depends on it
-    log_every: int = 50
-    save_every: int = 400
+    log_every: int = 250
+    save_every: int = 1000
 
 
 def _caption(scene: world.Scene, config: PretrainConfig, rng: random.Random) -> str:
@@ -70,9 +71,9 @@ class TextCache:
         return torch.stack([self._cache[c] for c in captions])  # [B, S, C]
 
 
-def to_latents(images: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, 32, 32] in [0, 1] -> latents [B, 48, 8, 8] (what `PixelUnshuffleVAE.encode` gives)."""
-    return F.pixel_unshuffle(images * 2 - 1, PATCH)
+def to_latents(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
+    """Images [B, 3, 32, 32] in [0, 1] -> latents [B, 3*p*p, 32/p, 32/p] (what `PixelUnshuffleVAE.encode` gives)."""
+    return F.pixel_unshuffle(images * 2 - 1, patch)
 
 
 def _lr_factor(step: int, config: PretrainConfig) -> float:
@@ -94,12 +95,13 @@ def sample(components: dict[str, Any], prompts: list[str], seed: int = 0, steps:
     b = len(prompts)
     ehs = torch.cat([text([""] * b), text(prompts)])  # [2B, S, C]
     g = torch.Generator().manual_seed(seed)
-    size = world.IMAGE_SIZE // PATCH
-    latents = torch.randn(b, 3 * PATCH * PATCH, size, size, generator=g)
+    patch = components["vae"].patch
+    size = world.IMAGE_SIZE // patch
+    latents = torch.randn(b, 3 * patch * patch, size, size, generator=g)
     for t in sched.timesteps:
         uncond, cond = unet(torch.cat([latents, latents]), t, ehs).sample.chunk(2)
         latents = sched.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-    return ((F.pixel_shuffle(latents, PATCH) + 1) / 2).clamp(0, 1)
+    return ((F.pixel_shuffle(latents, patch) + 1) / 2).clamp(0, 1)
 
 
 def text_only_accuracy(components: dict[str, Any], n: int = 64, seed: int = 1234, steps: int = 20,
@@ -123,7 +125,7 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
     config = config or PretrainConfig()
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
-    configs = default_configs()
+    configs = default_configs(config.patch)
     parts = build_components(configs, seed=config.seed)
     unet = parts["unet"]
     unet.train()
@@ -138,7 +140,7 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
     started, losses = time.perf_counter(), []
     for step in range(config.steps):
         scenes = world.random_scenes(config.batch_size, data_gen)
-        latents = to_latents(world.render(scenes))
+        latents = to_latents(world.render(scenes), config.patch)
         ehs = text([_caption(s, config, rng) for s in scenes])
         noise = torch.randn(latents.shape, generator=noise_gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (config.batch_size,), generator=noise_gen)
