@@ -1,6 +1,6 @@
 """Fused mode against scaled mode on the shapes world, when the prompt's colour conflicts with the reference's.
 
-    python benchmarks/toy_fused_table.py [--steps 1000] [--projection plus] [--pairs 16] [--seeds 4] [--no-fusion-training]
+    python benchmarks/toy_fused_table.py [--steps 600] [--projection plain] [--pairs 16] [--seeds 4] [--no-fusion-training]
 
 Trains one colour adapter on world images with colourless captions (by default with `--fusion`, lambda 0.5,
 so the fusion weights are trained; `--no-fusion-training` trains a scaled-mode adapter and samples fused mode
@@ -32,8 +32,8 @@ from ipa_train.toy.model import toy_backbone  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--projection", choices=("plain", "plus"), default="plus")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--projection", choices=("plain", "plus"), default="plain")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--no-fusion-training", action="store_true")

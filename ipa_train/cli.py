@@ -303,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="offline demo: train an adapter on the shapes world with the shipped toy model, "
                                     "sample with and without it, report how often the reference colour comes through")
     s.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
-    s.add_argument("--steps", type=int, default=None, help="training steps (default: 1000; 120 with --random-backbone)")
-    s.add_argument("--projection", choices=("plus", "plain"), default="plus",
-                   help="adapter projection of the shapes demo (default: plus; plain learns slower on the toy encoder)")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: 600; 120 with --random-backbone)")
+    s.add_argument("--projection", choices=("plain", "plus"), default="plain",
+                   help="adapter projection of the shapes demo (default: plain, over CLIP image_embeds; plus: Resampler)")
     s.add_argument("--seeds", type=int, default=4, help="samples per reference and column (default: 4)")
     s.add_argument("--random-backbone", action="store_true",
                    help="former smoke run: tiny random backbone on the embedded photos (checks plumbing, not quality)")

@@ -13,7 +13,6 @@ from ipa_train.toy import world
 from ipa_train.toy.model import FORMAT, SHIPPED, build_tokenizer, load_components, toy_backbone
 from ipa_train.toy.oracle import accuracy, read, read_batch
 
-LEARNING_STEPS = 1000  # plus adapter, batch 16 (about 2 minutes on one free core)
 # The bars are the plan's (README, "The shapes world"): text-only colour >= 90 % and shape >= 70 %; an adapter
 # trained with colourless captions shows the reference colour in >= 80 % of samples, and stays near chance
 # (1/8) at weight 0. CPU runs are deterministic, so a pass here is a pass on the same torch build.
@@ -148,26 +147,51 @@ def test_shipped_model_draws_the_prompt():
 
 
 def test_pretraining_is_reproducible(tmp_path):
+    from ipa_train.toy.model import build_components
     from ipa_train.toy.pretrain import PretrainConfig, pretrain
 
-    config = PretrainConfig(steps=2, batch_size=4, warmup=1, log_every=1, threads=1)
+    config = PretrainConfig(steps=2, batch_size=4, warmup=1, log_every=1, threads=1, encoder_steps=2,
+                            encoder_batch_size=4)
     pretrain(tmp_path / "a.safetensors", config)
     pretrain(tmp_path / "b.safetensors", config)
+    # The encoder stage alone, on the first run's UNet, gives the same file as both stages.
+    pretrain(tmp_path / "c.safetensors", config, unet_from=tmp_path / "a.safetensors")
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
-    assert set(a) == set(b)
+    a, b, c = (load_file(str(tmp_path / f"{x}.safetensors")) for x in "abc")
+    assert set(a) == set(b) == set(c)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], c[k]), k
+    fresh = load_components(tmp_path / "a.safetensors")["image_encoder"].state_dict()
+    untrained = build_components()["image_encoder"].state_dict()
+    assert any(not torch.equal(fresh[k], untrained[k]) for k in fresh)  # the encoder stage did train
+
+
+def test_unet_from_a_different_layout_is_one_clear_error(tmp_path):
+    from ipa_train.toy.pretrain import PretrainConfig, pretrain
+
+    pretrain(tmp_path / "p4.safetensors", PretrainConfig(steps=1, batch_size=2, warmup=1, patch=4, encoder_steps=0))
+    with pytest.raises(IPAKitError, match="UNet config differs"):
+        pretrain(tmp_path / "p2.safetensors", PretrainConfig(encoder_steps=0), unet_from=tmp_path / "p4.safetensors")
+
+
+def test_shipped_image_encoder_tells_the_colours_apart():
+    """Its `image_embeds` separate the 8 colours and 3 backgrounds (the plain projection reads nothing else)."""
+    from ipa_train.toy.encoder import probe_accuracy
+
+    acc = probe_accuracy(load_components()["image_encoder"], n=128)
+    assert acc["colour"] >= 0.95 and acc["background"] >= 0.95, acc
 
 
 @pytest.mark.slow
-def test_adapter_learns_the_reference_colour(backbone, tmp_path):
+@pytest.mark.parametrize("projection,steps", [("plain", 400), ("plus", 800)])
+def test_adapter_learns_the_reference_colour(backbone, tmp_path, projection, steps):
     """Colourless captions: only the reference carries the colour (chance 1/8); weight 0 stays near chance."""
     from ipa_train.toy.experiment import train_world_adapter, transfer_accuracy
 
-    steps = int(os.environ.get("IPAKIT_TOY_STEPS", LEARNING_STEPS))
-    result = train_world_adapter(backbone, tmp_path, projection="plus", steps=steps, save_every=0)
+    steps = int(os.environ.get("IPAKIT_TOY_STEPS", steps))
+    result = train_world_adapter(backbone, tmp_path, projection=projection, steps=steps, save_every=0)
     learned = transfer_accuracy(backbone, result.adapter, n=64)
     baseline = transfer_accuracy(backbone, result.adapter, n=64, weight=0.0)
     assert learned >= 0.8, (learned, baseline)

@@ -7,7 +7,8 @@ Components (by the names `DiffusersBackbone(components=...)` takes):
       (`patch` 4, 8x8x48, is also supported: it trained slower and drew blurrier shapes, see the README);
     * text_encoder: a random `CLIPTextModel`; tokenizer: a word-level tokenizer over the world's vocabulary;
     * scheduler: `DDPMScheduler` (cosine betas, v-prediction: robust sampling from a small model);
-    * image_encoder: a random `CLIPVisionModelWithProjection` at the real 224 px input.
+    * image_encoder: a tiny `CLIPVisionModelWithProjection` at the real 224 px input, trained briefly to tell the
+      world's colours, shapes and backgrounds apart (`ipa_train.toy.encoder`), as a real CLIP's embeddings do.
 
 The shipped file `shapes_base.safetensors` holds every weight under `<component>.` prefixes; its metadata
 holds the component configs as JSON, so it loads with no other file.

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import IPAKitError
 from . import world
 from .model import PATCH, build_components, default_configs, save_components
 
@@ -44,6 +45,9 @@ class PretrainConfig:
     threads: int = 1  # fixed: the reduction order (and so every weight) depends on it
     log_every: int = 250
     save_every: int = 1000
+    encoder_steps: int = 600  # then the image encoder learns the world's attributes (`toy.encoder`); 0 keeps it random
+    encoder_batch_size: int = 64
+    encoder_lr: float = 1e-3
 
 
 def _caption(scene: world.Scene, config: PretrainConfig, rng: random.Random) -> str:
@@ -117,16 +121,49 @@ def text_only_accuracy(components: dict[str, Any], n: int = 64, seed: int = 1234
 
 
 def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
-             checkpoint_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train the toy UNet on the world and write the model to `output` (one safetensors file).
+             checkpoint_dir: str | os.PathLike | None = None,
+             unet_from: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train the toy UNet on the world, then the image encoder, and write the model to `output` (one file).
 
-    Returns the info stored in the file (config, steps, final loss, seconds).
+    The two stages share nothing but the seed, so `unet_from` (a file an earlier run with the same UNet
+    settings wrote) can stand in for the first stage: its UNet weights and UNet info are taken as they are.
+    Returns the info stored in the file (config, steps, final loss, seconds, the encoder stage's figures).
     """
     config = config or PretrainConfig()
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
     configs = default_configs(config.patch)
     parts = build_components(configs, seed=config.seed)
+    if unet_from is not None:
+        info = _unet_from(parts, Path(unet_from), configs)
+    else:
+        info = _pretrain_unet(parts, config, configs, checkpoint_dir)
+    if config.encoder_steps:
+        from .encoder import EncoderConfig, pretrain_image_encoder
+
+        info["encoder"] = pretrain_image_encoder(parts["image_encoder"], EncoderConfig(
+            config.encoder_steps, config.encoder_batch_size, config.encoder_lr, config.seed))
+    info["config"] = asdict(config)
+    save_components(Path(output), parts, configs, info)
+    logger.info("wrote %s", output)
+    return info
+
+
+def _unet_from(parts: dict[str, Any], path: Path, configs: dict[str, Any]) -> dict[str, Any]:
+    """Load the UNet of an earlier build into `parts`; its info (minus the encoder stage) is returned."""
+    from .model import load_components, model_info
+
+    earlier = load_components(path)
+    if earlier["unet"].config != parts["unet"].config:
+        raise IPAKitError(f"{path}: its UNet config differs from this build's (--patch?); rebuild without --unet-from")
+    parts["unet"].load_state_dict(earlier["unet"].state_dict())
+    info = {k: v for k, v in model_info(path).items() if k not in ("encoder", "config")}
+    return {**info, "unet_from": path.name}
+
+
+def _pretrain_unet(parts: dict[str, Any], config: PretrainConfig, configs: dict[str, Any],
+                   checkpoint_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """The UNet stage; leaves the EMA weights in `parts["unet"]` and returns its figures."""
     unet = parts["unet"]
     unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -163,10 +200,10 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
         if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0 and not last:
             _save_ema(Path(checkpoint_dir) / f"step{step + 1:06d}.safetensors", parts, ema, configs,
                       {"steps": step + 1, "config": asdict(config)})
-    info = {"steps": config.steps, "config": asdict(config), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+    parts["unet"].load_state_dict(ema)
+    parts["unet"].eval()
+    return {"steps": config.steps, "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             "seconds": round(time.perf_counter() - started, 1), "threads": config.threads}
-    _save_ema(Path(output), parts, ema, configs, info)
-    return info
 
 
 def _save_ema(path: Path, parts: dict[str, Any], ema: dict[str, torch.Tensor], configs: dict[str, Any],
