@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ..training.data import clip_pixels, load_dataset
+from ..training.data import load_dataset
 from ..training.train import TrainConfig, TrainResult, train
 from . import world
+from .encoder import clip_inputs
 from .oracle import Reading, read_batch
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,6 @@ class Trial:
     seed: int = 0
 
 
-def reference_pixels(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [B, 3, 32, 32] in [0, 1], CLIP inputs [B, 3, 224, 224]) of the reference scenes."""
-    images = world.render(scenes)
-    return images, torch.stack([clip_pixels(world.to_pil(x)) for x in images])
-
-
 def transfer_trials(n: int, attribute: str = "colour", draw_seed: int = 0, **apply: Any) -> list[Trial]:
     """`n` trials whose references cycle through every value of `attribute`; the prompts leave it out.
 
@@ -88,7 +83,7 @@ def run_trials(backbone: Any, adapter: Any, trials: list[Trial], chunk: int = 64
     for (mode, weight, lam, seed), idx in groups.items():
         for start in range(0, len(idx), chunk):
             part = idx[start:start + chunk]
-            _, pixels = reference_pixels([trials[i].reference for i in part])
+            pixels = clip_inputs([trials[i].reference for i in part])  # [B, 3, 224, 224]
             images = generate(backbone, adapter, pixels, [trials[i].prompt for i in part], mode=mode, weight=weight,
                               fusion_lambda=lam, steps=SAMPLE_STEPS, guidance=GUIDANCE, size=world.IMAGE_SIZE,
                               seed=seed)
