@@ -3,6 +3,7 @@
 
     python3 scripts/dev.py test   [pytest args]   # create .venv, install CPU torch + the kit, run the tests
     python3 scripts/dev.py demo   [demo args]     # same set-up, then run the offline demo (main job)
+    python3 scripts/dev.py host   [pytest args]   # same set-up plus a ComfyUI host (scripts/host_env.py), then tests/host
 
 The virtual environment lives in .venv; torch==2.13.0 is installed before anything that depends on torch,
 so no CUDA build is pulled in. Set-up is skipped when .venv is already complete.
@@ -44,9 +45,13 @@ def setup() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("test", "demo", "setup"):
+    if not argv or argv[0] not in ("test", "demo", "setup", "host"):
         sys.stderr.write(__doc__ or "")
         return 2
+    if argv[0] == "host":
+        import host_env
+
+        return host_env.run_host_suite(argv[1:])
     setup()
     if argv[0] == "setup":
         return 0
