@@ -188,7 +188,7 @@ def setup(trees: Path | None = None) -> dict[str, Path]:
 
 
 def env_for(paths: dict[str, Path]) -> dict[str, str]:
-    env = dict(os.environ, COMFYUI_PATH=str(paths["comfyui"]))
+    env = dict(os.environ, COMFYUI_PATH=str(paths["comfyui"]), IPAKIT_HOST_STRICT="1")
     if "ipadapter_plus" in paths:
         env["IPADAPTER_PLUS_PATH"] = str(paths["ipadapter_plus"])
     if "peers" in paths:

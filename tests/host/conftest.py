@@ -13,6 +13,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 PACK = os.environ.get("IPADAPTER_PLUS_PATH", "")
+# Set by scripts/host_env.py, which builds everything the suite needs: a missing piece is then a failure.
+STRICT = os.environ.get("IPAKIT_HOST_STRICT") == "1"
+
+
+def missing(reason: str):
+    """Skip for a part of the host environment that is absent (fail instead when the environment was built)."""
+    if STRICT:
+        pytest.fail(f"host environment incomplete: {reason}")
+    pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,7 +71,7 @@ def cubiq(comfy):
     """The community pack (cubiq/ComfyUI_IPAdapter_plus, GPL-3.0: run as an oracle, never copied here), imported
     in-process from IPADAPTER_PLUS_PATH: (its utils module, its IPAdapterPlus module)."""
     if not PACK or not (Path(PACK) / "IPAdapterPlus.py").is_file():
-        pytest.skip("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
+        missing("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
     name = "cubiq_ipadapter_plus"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, Path(PACK) / "__init__.py", submodule_search_locations=[PACK])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import missing
 from .server import PACK, prepare_base, running_comfyui, write_dataset
 from .server import get as _get
 from .test_host_server import _write_models
@@ -64,9 +65,9 @@ def _playwright():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("the playwright Python package is not installed (pip install playwright; no browser download needed)")
+        missing("the playwright Python package is not installed (pip install playwright; no browser download needed)")
     if not CHROMIUM or not os.access(CHROMIUM, os.X_OK):
-        pytest.skip("Chromium not found (apt-get install chromium, or set CHROMIUM_PATH)")
+        missing("Chromium not found (apt-get install chromium, or set CHROMIUM_PATH)")
     return sync_playwright
 
 
