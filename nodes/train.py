@@ -121,7 +121,7 @@ def _train_inputs() -> list[io.Input]:
         Adapter.Input("adapter", optional=True, tooltip=(
             "Optional adapter to fine-tune (e.g. an official one) instead of training from scratch.")),
         io.Int.Input("validate_every", default=0, min=0, max=1000000, optional=True,
-                     tooltip="Sample the validation prompt and reference every N steps (0: off)."),
+                     tooltip="Sample the validation prompt and reference every N steps, at the training resolution (0: off)."),
         io.String.Input("validation_prompt", default="", optional=True, tooltip="Prompt of the validation samples."),
         io.Image.Input("validation_image", optional=True, tooltip="Reference image of the validation samples."),
     ]
@@ -217,7 +217,8 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
             bar.update_absolute(step, total)
             _send(unique_id, {"step": step, "total": total, "loss": float(loss), "done": False, "status": "training"})
             if validate_every and validation_image is not None and step % validate_every == 0:
-                samples.append(_validate(backbone, model, clip, vae, clip_vision, validation_prompt, validation_image, seed))
+                samples.append(_validate(backbone, model, clip, vae, clip_vision, validation_prompt, validation_image, seed,
+                                         resolution))
 
         result = train(config, backbone, data, should_stop=mm.processing_interrupted, progress=progress,
                        interrupts=(mm.InterruptProcessingException,))
@@ -239,8 +240,9 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
                          ui={"text": [f"{name}: {result.steps} steps, final loss {result.losses[-1]:.4f} -> {final}"]})
 
 
-def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed) -> torch.Tensor:
-    """Sample the validation prompt with the current adapter (a few steps, 1 image)."""
+def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed, resolution=512) -> torch.Tensor:
+    """Sample the validation prompt with the current adapter (a few steps, 1 image at the training resolution,
+    where the adapter learns)."""
     import comfy.sample
 
     from .apply import apply, encode
@@ -253,7 +255,7 @@ def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed) -> t
         patched = apply(model, adapter, embeds, "fused" if adapter.fusion is not None else "scaled", 1.0, 0.8)
         pos = [[clip.encode_from_tokens(clip.tokenize(prompt)), {}]]
         neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
-        latent = torch.zeros(1, 4, 64, 64)
+        latent = torch.zeros(1, 4, max(8, resolution // 8), max(8, resolution // 8))
         noise = comfy.sample.prepare_noise(latent, seed)
         out = comfy.sample.sample(patched, noise, 12, 6.0, "euler", "normal", pos, neg, latent, seed=seed,
                                   disable_pbar=True)

@@ -222,7 +222,8 @@ def test_train_node_then_apply_in_one_prompt_and_resume(server):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
     assert entry["outputs"]["12"]["images"] and entry["outputs"]["13"]["images"]
     val = entry["outputs"]["14"]["images"]
-    assert len(val) == 1 and Image.open(base / "output" / val[0]["subfolder"] / val[0]["filename"]).size == (512, 512)
+    # at the training resolution
+    assert len(val) == 1 and Image.open(base / "output" / val[0]["subfolder"] / val[0]["filename"]).size == (64, 64)
     # the trained file shows up in the loader's list and loads with fusion weights
     info = combo_options(_get(url + "/object_info/IPAKitLoadAdapter")["IPAKitLoadAdapter"]["input"]["required"]["adapter_file"])
     assert "host-run.safetensors" in info
@@ -244,10 +245,17 @@ def test_cancel_saves_a_checkpoint_and_the_next_run_resumes(server):
         del prompt[key]
     pid = _post(url + "/prompt", {"prompt": prompt, "client_id": "ipakit-test"})["prompt_id"]
     run_dir = base / "output" / "ipadapter_kit_runs" / "cancel-run"
-    deadline = time.time() + 120
-    while time.time() < deadline and not _get(url + "/queue")["queue_running"]:
-        time.sleep(0.2)
-    time.sleep(25)  # load the models, cache the dataset, train a few steps
+    # interrupt only once this prompt is training (not while another one runs or the models load)
+    log, start = base / "server.log", (base / "server.log").stat().st_size
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        running = [item[1] for item in _get(url + "/queue")["queue_running"]]
+        if running == [pid] and "training a plain adapter" in log.read_text(errors="replace")[start:]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"prompt {pid} did not start training within 600 s")
+    time.sleep(2)
     _post(url + "/interrupt", {})
     for _ in range(600):
         hist = _get(f"{url}/history/{pid}")
