@@ -78,6 +78,23 @@ def server(comfy, tmp_path_factory):
         yield url, base
 
 
+@pytest.fixture(autouse=True)
+def _idle_queue(request):
+    """A test that stops while its prompt still runs must not leave that prompt to the next test: clear, interrupt."""
+    yield
+    if "server" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("server")[0]
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        queue = _get(url + "/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        _post(url + "/queue", {"clear": True})
+        _post(url + "/interrupt", {})
+        time.sleep(1)
+
+
 def test_every_node_registered_with_tooltips(server):
     url, base = server
     info = _get(url + "/object_info")
