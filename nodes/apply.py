@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ipa_train.adapter.weight_types import BOOST_SAME_AS_WEIGHT, DEFAULT_WEIGHT_COMPOSITION, second_weight
+
 from .common import (
     CATEGORY,
     Adapter,
@@ -32,8 +34,18 @@ _WEIGHT_TIP = "Strength of the image prompt. 0 leaves the model unchanged; 0.5-0
 _WEIGHT_TYPE_TIP = ("How the weight is spread over the layers (the community pack's names and numbers): linear = "
                     "every layer; ease in/out, ease in-out, reverse in-out = a ramp over the layers; weak/strong "
                     "input, middle, output = 0.2 on some blocks; style transfer / composition = only the layers that "
-                    "carry style / composition; precise = the reference also acts as a negative on the other "
-                    "layers (style_boost / composition_boost). Multiplied by the 'layers' choice.")
+                    "carry style / composition; style and composition = both, the composition layers at "
+                    "weight_composition (1.0 unless set); precise = the reference also acts as a negative on the other "
+                    "layers (style_boost / composition_boost, the weight unless set). Defaults as the community pack's "
+                    "Advanced node. Multiplied by the 'layers' choice.")
+# The community pack's Advanced / Embeds nodes' defaults (ipa_train.adapter.weight_types.second_weight).
+_BOOST_TIP = ("{which} only: weight of the {layers} layers, where the reference acts as a negative. "
+              f"{BOOST_SAME_AS_WEIGHT:g} (the default and minimum) = the same as the weight, as the community pack's "
+              "Advanced and Embeds nodes do; any other value is the boost itself, as on its {node} node (its "
+              "default {default}).")
+_COMPOSITION_TIP = ("style and composition / strong style and composition only: weight of the composition layers. "
+                    "1.0 (the default) whatever the weight, as the community pack's Advanced and Embeds nodes do; "
+                    "its Style & Composition node shows it as weight_composition.")
 _SCALING_TIP = ("Where the weight enters the image attention: V only = weight x attention (the original); K+V = "
                 "keys and values scaled (sharper at weight > 1); w/ C penalty = scaled down on the shallow layers; "
                 "K+mean(V) w/ C penalty = only the mean of the values scaled (high weights without burning).")
@@ -134,11 +146,6 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     return m
 
 
-def second_weight(weight_type: str, style_boost: float, composition_boost: float) -> float | None:
-    """The apply nodes' second weight: the precise types' boost; None (= the weight) for the other types."""
-    return {"style transfer precise": style_boost, "composition precise": composition_boost}.get(weight_type)
-
-
 class IPAKitEncodeImage(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -209,12 +216,17 @@ class IPAKitApply(io.ComfyNode):
                 *weight_type_inputs(),
                 io.Combo.Input("embeds_scaling", options=EMBEDS_SCALING, default="V only", optional=True,
                                tooltip=_SCALING_TIP),
-                io.Float.Input("style_boost", default=1.0, min=-5.0, max=5.0, step=0.05, optional=True,
-                               tooltip="style transfer precise only: weight of the composition layers, where the "
-                                       "reference acts as a negative (SDXL: start with 2)."),
-                io.Float.Input("composition_boost", default=0.0, min=-5.0, max=5.0, step=0.05, optional=True,
-                               tooltip="composition precise only: weight of the style layers, where the reference "
-                                       "acts as a negative (0 = only the composition layers act)."),
+                # defaults: the community pack's Advanced / Embeds nodes (issue 18); a saved value stays the boost
+                io.Float.Input("style_boost", default=BOOST_SAME_AS_WEIGHT, min=BOOST_SAME_AS_WEIGHT, max=5.0, step=0.05,
+                               optional=True, tooltip=_BOOST_TIP.format(
+                                   which="style transfer precise", layers="composition", node="Precise Style Transfer",
+                                   default="1.0; SDXL: try 2")),
+                io.Float.Input("composition_boost", default=BOOST_SAME_AS_WEIGHT, min=BOOST_SAME_AS_WEIGHT, max=5.0,
+                               step=0.05, optional=True, tooltip=_BOOST_TIP.format(
+                                   which="composition precise", layers="style", node="Precise Composition",
+                                   default="0.0 = only the composition layers act")),
+                io.Float.Input("weight_composition", default=DEFAULT_WEIGHT_COMPOSITION, min=-1.0, max=5.0, step=0.05,
+                               optional=True, tooltip=_COMPOSITION_TIP),  # appended: saved workflows keep their values
             ],
             outputs=[model_output("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.")],
         )
@@ -222,10 +234,11 @@ class IPAKitApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
                 layers="all", layer_weights="", attn_mask=None, frame_weights=None, weight_type="linear",
-                embeds_scaling="V only", style_boost=1.0, composition_boost=0.0) -> io.NodeOutput:
+                embeds_scaling="V only", style_boost=BOOST_SAME_AS_WEIGHT, composition_boost=BOOST_SAME_AS_WEIGHT,
+                weight_composition=DEFAULT_WEIGHT_COMPOSITION) -> io.NodeOutput:
         return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
                                    layer_weights, attn_mask, frame_weights, weight_type, embeds_scaling,
-                                   second_weight(weight_type, style_boost, composition_boost)))
+                                   second_weight(weight_type, weight_composition, style_boost, composition_boost)))
 
 
 class IPAKitApplySimple(io.ComfyNode):
@@ -255,5 +268,7 @@ class IPAKitApplySimple(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, clip_vision, image, weight=0.8, mode="scaled", start_at=0.0, end_at=1.0,
                 weight_type="linear") -> io.NodeOutput:
+        # the same defaults as IPAKitApply (the community pack's Advanced node): boost = weight, composition 1.0
         return io.NodeOutput(apply(model, adapter, encode(adapter, clip_vision, image), mode, weight,
-                                   start_at=start_at, end_at=end_at, weight_type=weight_type))
+                                   start_at=start_at, end_at=end_at, weight_type=weight_type,
+                                   second=second_weight(weight_type)))

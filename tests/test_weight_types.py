@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ipa_train.adapter.layout import known_sites
-from ipa_train.adapter.weight_types import WEIGHT_TYPES, layer_plans
+from ipa_train.adapter.weight_types import BOOST_SAME_AS_WEIGHT, WEIGHT_TYPES, layer_plans, second_weight
 from ipa_train.errors import IPAKitError
 
 # Transformer index (execution order) of each adapter layer, adapter order = down, up, mid.
@@ -104,3 +104,23 @@ def test_unknown_type_and_unsupported_family_are_clear_errors():
         layer_plans(sites, "other", "style transfer")
     # family-independent types work on any layout
     assert [p.weight for p in layer_plans(sites, "other", "weak middle")] == [1.0] * 15 + [0.2]
+
+
+def test_second_weight_from_node_inputs_follows_the_community_advanced_node():
+    """Node inputs -> second weight: by default what the community pack's Advanced / Embeds nodes use (boost = the
+    weight, weight_composition = 1.0); a given boost (its dedicated nodes' 1.0 / 0.0 included) is the boost."""
+    assert second_weight("style transfer precise") is None and second_weight("composition precise") is None
+    assert second_weight("style transfer precise", style_boost=BOOST_SAME_AS_WEIGHT) is None
+    assert second_weight("composition precise", composition_boost=BOOST_SAME_AS_WEIGHT - 1) is None
+    assert second_weight("style transfer precise", style_boost=1.0, composition_boost=2.0) == 1.0
+    assert second_weight("composition precise", style_boost=1.0, composition_boost=0.0) == 0.0
+    assert second_weight("composition precise", composition_boost=-5.0) == -5.0  # the dedicated nodes' minimum
+    for weight_type in ("style and composition", "strong style and composition"):
+        assert second_weight(weight_type) == 1.0 and second_weight(weight_type, 0.6, 2.0, 3.0) == 0.6
+    for weight_type in set(WEIGHT_TYPES) - {"style and composition", "strong style and composition",
+                                            "style transfer precise", "composition precise"}:
+        assert second_weight(weight_type, 0.6, 2.0, 3.0) is None
+    sites = known_sites("sdxl")
+    # a fresh node at weight 0.8: composition layer (t = 3) at 1.0 for style and composition, 0.8 for the precise one
+    assert {p.weight for p in layer_plans(sites, "sdxl", "style and composition", 0.8, second_weight("style and composition"))} == {0.0, 0.8, 1.0}
+    assert {p.weight for p in layer_plans(sites, "sdxl", "style transfer precise", 0.8, second_weight("style transfer precise"))} == {0.0, 0.8}

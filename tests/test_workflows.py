@@ -107,6 +107,21 @@ def widget_errors(node: dict, spec: dict) -> list[str]:
     return errors
 
 
+def widget_values(node: dict, spec: dict) -> dict:
+    """widgets_values -> {widget name: value}, mapped as the frontend maps them (INPUT_TYPES order); a widget the
+    saved list has no value for (one added after the workflow was saved) gets its declared default."""
+    values, out, i = list(node.get("widgets_values") or []), {}, 0
+    for section in ("required", "optional"):
+        for name, decl in spec["input"].get(section, {}).items():
+            if not _is_widget(decl):
+                continue
+            opts = decl[1] if len(decl) > 1 else {}
+            out[name] = values[i] if i < len(values) else opts.get("default")
+            i += 1 + bool(decl[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")))
+            i += bool(opts.get("image_upload"))
+    return out
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -228,3 +243,38 @@ def test_checker_catches_mistakes(specs):
     assert widget_errors(bad, specs["IPAKitApply"])
     loader = next(n for n in wf["nodes"] if n["type"] == "IPAKitLoadAdapter")
     assert widget_errors(dict(loader, widgets_values=["ip-adapter_sd15.txt"]), specs["IPAKitLoadAdapter"])
+
+
+def test_saved_apply_nodes_keep_their_meaning(specs):
+    """Issue 18 gave IPAKitApply the community pack's Advanced-node defaults: the boosts' default became 'the same as
+    the weight' and weight_composition (1.0) was appended. A saved workflow stores its boosts positionally (1.0 / 0.0,
+    the old defaults): mapped as the frontend maps them they still land on style_boost / composition_boost and still
+    are the boosts, so every weight type gives the layer weights it gave before, except the style-and-composition
+    types, whose composition layers now get weight_composition instead of the weight (README). Checked on the
+    shipped workflows and on their form before the issue (11 values, no weight_composition)."""
+    from ipa_train.adapter.layout import known_sites
+    from ipa_train.adapter.weight_types import WEIGHT_TYPES, application_plans, second_weight
+
+    spec = specs["IPAKitApply"]
+    nodes = [n for path in WORKFLOWS for n in _load(path)["nodes"] if n["type"] == "IPAKitApply"]
+    assert len(nodes) == 6
+    names = [n for n, d in {**spec["input"]["required"], **spec["input"].get("optional", {})}.items() if _is_widget(d)]
+    assert names[-3:] == ["style_boost", "composition_boost", "weight_composition"]  # the boosts keep their slots
+    for node in nodes:
+        saved = widget_values(node, spec)
+        before = widget_values(dict(node, widgets_values=node["widgets_values"][:-1]), spec)
+        assert len(node["widgets_values"]) == len(names) and before == saved  # the appended value is the default
+        assert (saved["style_boost"], saved["composition_boost"], saved["weight_composition"]) == (1.0, 0.0, 1.0)
+        # the node's rule before the issue: the precise types read their boost, the other types only the weight
+        old_second = {"style transfer precise": saved["style_boost"], "composition precise": saved["composition_boost"]}
+        new_second = {wt: second_weight(wt, saved["weight_composition"], saved["style_boost"], saved["composition_boost"])
+                      for wt in WEIGHT_TYPES}
+        assert new_second["style transfer precise"] == 1.0 and new_second["composition precise"] == 0.0
+        for family in ("sd15", "sdxl"):
+            sites = known_sites(family)
+            for wt in WEIGHT_TYPES:
+                if "style and composition" in wt:
+                    continue
+                plans = [application_plans(sites, family, wt, saved["weight"], second, saved["layers"], saved["layer_weights"])
+                         for second in (new_second[wt], old_second.get(wt))]
+                assert plans[0] == plans[1], f"{node['id']} {family} {wt}"

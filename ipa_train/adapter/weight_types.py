@@ -128,6 +128,26 @@ SECOND_WEIGHT = {
     "style transfer precise": "style_boost",
     "composition precise": "composition_boost",
 }
+# The nodes' defaults are the community pack's Advanced / Embeds nodes' (its `ipadapter_execute` defaults), so a
+# workflow moved from them gives the same picture: the precise types' boost is the weight itself, and the
+# style-and-composition types' composition layers get weight_composition = 1.0 whatever the weight.
+# BOOST_SAME_AS_WEIGHT is the boost inputs' default and minimum, outside the -5..5 its dedicated precise nodes
+# offer; any other value is the boost itself (their style_boost 1.0 / composition_boost 0.0 defaults included).
+BOOST_SAME_AS_WEIGHT = -10.0
+DEFAULT_WEIGHT_COMPOSITION = 1.0
+
+
+def second_weight(weight_type: str, weight_composition: float = DEFAULT_WEIGHT_COMPOSITION,
+                  style_boost: float | None = None, composition_boost: float | None = None) -> float | None:
+    """The second weight ("c") of `weight_type` from the nodes' inputs; None means the weight itself.
+
+    weight_composition serves the style-and-composition types; style_boost / composition_boost the precise types,
+    where None or BOOST_SAME_AS_WEIGHT (or lower) means the weight; the other types read no second weight (None).
+    """
+    if weight_type in ("style and composition", "strong style and composition"):
+        return float(weight_composition)
+    boost = {"style transfer precise": style_boost, "composition precise": composition_boost}.get(weight_type)
+    return None if boost is None or boost <= BOOST_SAME_AS_WEIGHT else float(boost)
 
 
 def layer_plans(sites: list[Site], family: str, weight_type: str = "linear", weight: float = 1.0,

@@ -80,3 +80,21 @@ def test_simple_node_start_end_and_weight_type(comfy, nodes):
     # a step outside start_at..end_at is the unpatched model, exactly
     gated = apply_mod.IPAKitApplySimple.execute(model, adapter, clip, image, 0.8, "scaled", 0.9, 1.0, "ease out").result[0]
     assert torch.equal(_eps(gated, x, t, ctx, [0, 1]), _eps(model, x, t, ctx, [0, 1]))
+
+
+def test_simple_node_has_the_apply_nodes_defaults(comfy, nodes):
+    """The simple node shows no boost or weight_composition input: it uses IPAKitApply's defaults (the community
+    pack's Advanced node: boost = weight, composition layers at 1.0)."""
+    apply_mod, _ = nodes
+    model = tiny_comfy_model(comfy, "sd15")
+    adapter = random_adapter(AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=1024,
+                                           cross_attention_dim=768, layer_hidden_sizes=_layer_hidden(model)), seed=4)
+    clip = FakeClipVision()
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    embeds = encode_embeds(adapter, clip.encode_image(image)["image_embeds"], torch.zeros(1, 1024))
+    x, ctx, t = _inputs()
+    for weight_type in ("style and composition", "style transfer precise", "composition precise"):
+        simple = apply_mod.IPAKitApplySimple.execute(model, adapter, clip, image, 0.8, "scaled", 0.0, 1.0, weight_type)
+        full = apply_mod.IPAKitApply.execute(model, adapter, embeds, weight=0.8, weight_type=weight_type)
+        torch.testing.assert_close(_eps(simple.result[0], x, t, ctx, [0, 1]), _eps(full.result[0], x, t, ctx, [0, 1]),
+                                   rtol=0, atol=0)

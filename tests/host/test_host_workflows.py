@@ -32,6 +32,18 @@ LOAD_AND_CONVERT = """async (wf) => {
 }"""
 
 
+PRE_18 = "generate_scaled saved before issue 18"
+
+
+def _saved_before_issue_18() -> dict:
+    """ipadapter_generate_scaled as saved before IPAKitApply's weight_composition was appended: 11 widget values,
+    the precise weight type and non-default boosts."""
+    wf = json.loads((ROOT / "workflows" / "ipadapter_generate_scaled.json").read_text())
+    node = next(n for n in wf["nodes"] if n["type"] == "IPAKitApply")
+    node["widgets_values"] = node["widgets_values"][:7] + ["style transfer precise", "V only", 2.0, 0.5]
+    return wf
+
+
 @pytest.fixture(scope="module")
 def browser_server(comfy, tmp_path_factory):
     sync_playwright = _playwright()
@@ -49,6 +61,7 @@ def browser_server(comfy, tmp_path_factory):
                     "() => window.comfyAPI?.app?.app?.graph && LiteGraph.registered_node_types['IPAKitApply']",
                     timeout=120_000)
                 converted = {path.stem: page.evaluate(LOAD_AND_CONVERT, json.loads(path.read_text())) for path in WORKFLOWS}
+                converted[PRE_18] = page.evaluate(LOAD_AND_CONVERT, _saved_before_issue_18())
             finally:
                 browser.close()
         yield url, base, converted, errors
@@ -76,6 +89,18 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
             if isinstance(value, list):
                 assert value[0] in output
     assert not errors, "\n".join(errors)
+
+
+def test_workflow_saved_before_issue_18_keeps_its_boosts(browser_server):
+    """The frontend maps an older IPAKitApply's 11 values onto the same widgets: its boosts stay on style_boost /
+    composition_boost (so they still are the boosts), the appended weight_composition gets its default."""
+    result = browser_server[2][PRE_18]
+    node = next(n for n in result["loaded"] if n["type"] == "IPAKitApply")
+    saved = next(n for n in _saved_before_issue_18()["nodes"] if n["type"] == "IPAKitApply")["widgets_values"]
+    assert node["widgets"] == saved + [1.0]
+    inputs = result["output"][str(node["id"])]["inputs"]
+    assert (inputs["weight_type"], inputs["style_boost"], inputs["composition_boost"], inputs["weight_composition"]) \
+        == ("style transfer precise", 2.0, 0.5, 1.0)
 
 
 def _shrink(prompt: dict, base: Path) -> dict:
