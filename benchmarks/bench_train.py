@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = {"plain": {"s_per_step": 3.9, "peak_rss_gb": 8.05}, "plus": {"s_per_step": 4.25, "peak_rss_gb": 8.05}}
-TARGET_RATIO, TARGET_RSS_GB = 0.5, 6.0
+TARGET_RATIO = 0.5
+TARGET_RSS_GB = {"plain": 4.2, "plus": 4.7}  # encoders released before the UNet loads: max(encoders, UNet)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -279,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
             continue
         ratio = ours["s_per_step"] / ref["s_per_step"]
-        ok &= ratio <= TARGET_RATIO and ours["peak_rss_gb"] <= TARGET_RSS_GB
+        ok &= ratio <= TARGET_RATIO and ours["peak_rss_gb"] <= TARGET_RSS_GB[variant]
         print(f"{variant:<8}{ours['s_per_step']:>13.2f}{ref['s_per_step']:>12.2f}{ratio:>8.2f}"  # noqa: T201
               f"{ours['peak_rss_gb']:>13.2f}{ref['peak_rss_gb']:>12.2f}  {source}")
-    print(f"target: ours <= {TARGET_RATIO:.0%} of the reference per step and <= {TARGET_RSS_GB} GB peak RSS: "  # noqa: T201
+    bars = ", ".join(f"{v} {TARGET_RSS_GB[v]} GB" for v in args.variants)
+    print(f"target: ours <= {TARGET_RATIO:.0%} of the reference per step and peak RSS <= {bars}: "  # noqa: T201
           f"{'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 

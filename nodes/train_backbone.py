@@ -4,6 +4,10 @@ Implements `ipa_train.training.train.Backbone` by translating to ComfyUI calls; 
 The UNet runs with this pack's own attn2 patch, and gradients reach the adapter through it: each `predict`
 computes the image K/V of every layer from the (trainable) image tokens and hands them to the patch for
 that call only.
+
+Memory: sizes are read from the modules' shapes (nothing runs, nothing moves to the device); once every embedding
+is cached, the user's encoders are unloaded from the device through ComfyUI's model management (the models stay
+the user's, in RAM) before the UNet is loaded for training.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ def _make_autograd_safe(module: torch.nn.Module) -> None:
         for name, b in list(sub._buffers.items()):
             if b is not None and b.is_inference():
                 sub._buffers[name] = b.clone()
+
+
+def clip_vision_dims(clip_vision) -> dict[str, int]:
+    """Output widths of ComfyUI's CLIP vision model from its layers' shapes (no forward pass, no device load):
+    image_embeds [B, D] = the projection's output width, penultimate hidden states [B, L, D] = the encoder's width."""
+    model = clip_vision.model
+    norm = getattr(getattr(model, "vision_model", None), "post_layernorm", None)
+    if not isinstance(norm, torch.nn.LayerNorm):
+        raise ValueError(f"this CLIP_VISION ({type(model).__name__}) is not a CLIP vision model; load the CLIP vision "
+                         "encoder the adapter is for (ViT-H/14 for the official SD1.5 layouts)")
+    width = int(norm.normalized_shape[0])
+    proj = getattr(model, "visual_projection", None)
+    return {"image_embeds": int(proj.out_features) if isinstance(proj, torch.nn.Linear) else width,
+            "penultimate": width}
 
 
 class ComfyBackbone:
@@ -53,13 +71,16 @@ class ComfyBackbone:
         self.num_train_timesteps = int(self.sigmas.shape[0])
         self.device = mm.get_torch_device()
         self.patched = None
-        self._clip_dims: dict[str, int] = {}
+        self._clip_dims = clip_vision_dims(clip_vision)  # read now: the encoder may be released before a later ask
 
-    # --- sizes
+    # --- sizes (shapes of the user's modules: nothing is loaded)
+    @property
+    def sizes(self):
+        from ipa_train.training.backbone import BackboneSizes
+
+        return BackboneSizes(self.cross_attention_dim, tuple(s.hidden for s in self.sites), dict(self._clip_dims))
+
     def clip_embedding_dim(self, output: str) -> int:
-        if output not in self._clip_dims:
-            embeds, hidden = self._clip(torch.zeros(1, 3, 224, 224))
-            self._clip_dims = {"image_embeds": int(embeds.shape[-1]), "penultimate": int(hidden.shape[-1])}
         return self._clip_dims[output]
 
     def layer_hidden_sizes(self) -> list[int]:
@@ -161,10 +182,21 @@ class ComfyBackbone:
         return out.float()
 
     def release(self, parts: tuple[str, ...]) -> None:
-        if "vae" in parts:
-            self.vae = None
-        if "text" in parts:
-            self.clip = None
+        """Every embedding is cached: unload these encoders from the device so the UNet gets its memory."""
+        for part in parts:
+            attr = {"vae": "vae", "text": "clip", "image": "clip_vision"}[part]
+            owner = getattr(self, attr)
+            if owner is not None:
+                self._unload(owner.patcher)
+            setattr(self, attr, None)
+        self.mm.soft_empty_cache()
+
+    def _unload(self, patcher) -> None:
+        """ComfyUI's own unload of one loaded model (its weights go back to the offload device)."""
+        loaded = self.mm.current_loaded_models
+        for i in reversed(range(len(loaded))):
+            if loaded[i].model is patcher and loaded[i].model_unload():
+                loaded.pop(i)
 
     def enable_gradient_checkpointing(self) -> None:
         from .common import logger

@@ -2,7 +2,8 @@
 vision encoder, plus a short sampling loop to look at what an adapter does.
 
 Components are loaded lazily, on first use, so that training can encode and cache a small dataset, release
-the encoders, and only then load the UNet: peak memory is max(encoders, UNet), not their sum.
+the encoders, and only then load the UNet: peak memory is max(encoders, UNet), not their sum. Sizes
+(`DiffusersBackbone.sizes`) come from config files or meta-device modules, so asking for them loads nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from ..adapter.config import ClipOutput
 from ..adapter.modules import IPAdapter
 from ..errors import IPAKitError
-from ..training.train import TextCondition
+from ..training.train import BackboneSizes, TextCondition
 from .diffusers_unet import DiffusersAdapterPatch, init_from_unet, install_adapter, unet_layer_hidden_sizes
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class DiffusersBackbone:
         components: already built modules by name (unet, vae, text_encoder, tokenizer, scheduler,
             image_encoder); those given are not loaded.
         factories: zero-argument functions building a component, called on first use instead of loading it
-            (e.g. random full-size models for benchmarks).
+            (e.g. random full-size models for benchmarks); the unet and image_encoder factories are also called
+            on the meta device (no memory) to read sizes.
         keep_encoders: ignore `release` (components given in memory cannot be loaded again after it; those
             loaded from `base_model`/`image_encoder` are simply loaded again when needed).
     """
@@ -52,7 +54,8 @@ class DiffusersBackbone:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.encoder_dtype = encoder_dtype
         self.keep_encoders = keep_encoders
-        self._clip_dims: dict[str, int] | None = None  # kept after the encoder is released
+        self._sizes: BackboneSizes | None = None  # read once, kept after the encoders are released
+        self._factories: dict[str, Callable[[], Any]] = dict(factories or {})
         self._models: dict[str, Any] = dict(components or {})
         for name, module in self._models.items():
             self._prepare(name, module)
@@ -63,7 +66,7 @@ class DiffusersBackbone:
             "tokenizer": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer"),
             "scheduler": lambda: self._from_base("diffusers", "DDPMScheduler", "scheduler"),
             "image_encoder": self._load_image_encoder,
-            **(factories or {}),
+            **self._factories,
         }
         self.patch: DiffusersAdapterPatch | None = None
         sched = self.get("scheduler")
@@ -83,23 +86,59 @@ class DiffusersBackbone:
         try:
             return cls.from_pretrained(self.base_model, subfolder=subfolder)
         except (OSError, ValueError) as e:
-            raise IPAKitError(
-                f"cannot load the {subfolder} of base model {self.base_model!r} ({str(e).splitlines()[0]}); give a "
-                "diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id such as "
-                "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
-            ) from None
+            raise self._base_error(subfolder, e) from None
 
-    def _load_image_encoder(self) -> Any:
-        from transformers import CLIPVisionModelWithProjection
+    def _base_error(self, subfolder: str, e: Exception) -> IPAKitError:
+        return IPAKitError(
+            f"cannot load the {subfolder} of base model {self.base_model!r} ({str(e).splitlines()[0]}); give a "
+            "diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+
+    def _load_image_encoder(self, config_only: bool = False) -> Any:
+        """The CLIPVisionModelWithProjection, or with `config_only` just its `CLIPVisionConfig`."""
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         if self.image_encoder_path is None:
             raise IPAKitError("no image encoder given: pass the folder or hub id of a CLIP vision model "
                               "(e.g. h94/IP-Adapter with subfolder models/image_encoder for SD1.5)")
         try:
+            if config_only:
+                return CLIPVisionConfig.from_pretrained(self.image_encoder_path)
             return CLIPVisionModelWithProjection.from_pretrained(self.image_encoder_path)
         except (OSError, ValueError) as e:
             raise IPAKitError(f"cannot load the image encoder {self.image_encoder_path!r} ({str(e).splitlines()[0]}); "
                               "give a folder or hub id of a CLIPVisionModelWithProjection") from None
+
+    def _meta(self, name: str) -> Any:
+        """The component built by its factory on the meta device: its config and shapes, no weights in memory
+        (the CPU random state is kept: factories may seed it)."""
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return self._factories[name]()
+
+    def _unet_shape(self) -> Any:
+        """The UNet in memory, or one on the meta device from its factory or from its config file."""
+        if self._models.get("unet") is not None:
+            return self._models["unet"]
+        if "unet" in self._factories:
+            return self._meta("unet")
+        from diffusers import UNet2DConditionModel
+
+        if self.base_model is None:
+            raise IPAKitError("no base model given and no unet component passed")
+        try:
+            config = UNet2DConditionModel.load_config(self.base_model, subfolder="unet")
+        except (OSError, ValueError) as e:
+            raise self._base_error("unet", e) from None
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+
+    def _vision_config(self) -> Any:
+        """The image encoder's config: of the module in memory, of its factory's meta build, or from its folder."""
+        if self._models.get("image_encoder") is not None:
+            return self._models["image_encoder"].config
+        if "image_encoder" in self._factories:
+            return self._meta("image_encoder").config
+        return self._load_image_encoder(config_only=True)
 
     def _prepare(self, name: str, module: Any) -> Any:
         if isinstance(module, nn.Module):
@@ -110,9 +149,6 @@ class DiffusersBackbone:
                 module.to(memory_format=torch.channels_last)  # faster convolutions (about 6% per step on CPU)
             if name != "unet" and self.encoder_dtype != torch.float32:
                 module.to(dtype=self.encoder_dtype)
-        if name == "image_encoder":
-            self._clip_dims = {"image_embeds": int(module.config.projection_dim),
-                               "penultimate": int(module.config.hidden_size)}
         return module
 
     def get(self, name: str) -> Any:
@@ -141,17 +177,26 @@ class DiffusersBackbone:
     # ---- Backbone interface ------------------------------------------------------------------------------
 
     @property
+    def sizes(self) -> BackboneSizes:
+        """Widths from configs: a component in memory as it is, otherwise its factory's meta-device build or its
+        config file (`UNet2DConditionModel.load_config`, `CLIPVisionConfig.from_pretrained`). Loads no weights."""
+        if self._sizes is None:
+            unet, vision = self._unet_shape(), self._vision_config()
+            self._sizes = BackboneSizes(
+                cross_attention_dim=int(unet.config.cross_attention_dim),
+                layer_hidden_sizes=tuple(unet_layer_hidden_sizes(unet)),
+                clip_dims={"image_embeds": int(vision.projection_dim), "penultimate": int(vision.hidden_size)})
+        return self._sizes
+
+    @property
     def cross_attention_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
+        return self.sizes.cross_attention_dim
 
     def clip_embedding_dim(self, output: ClipOutput) -> int:
-        if self._clip_dims is None:
-            self.get("image_encoder")
-        assert self._clip_dims is not None
-        return self._clip_dims[output]
+        return self.sizes.clip_embedding_dim(output)
 
     def layer_hidden_sizes(self) -> list[int]:
-        return unet_layer_hidden_sizes(self.unet)
+        return list(self.sizes.layer_hidden_sizes)
 
     @torch.no_grad()
     def encode_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,25 +34,41 @@ class TextCondition:
         return TextCondition(torch.cat([i.hidden for i in items]), {k: torch.cat([i.extra[k] for i in items]) for k in keys})
 
 
+@dataclass(frozen=True)
+class BackboneSizes:
+    """The widths an adapter is built from: the denoiser's text width and the inner width of every layer that
+    gets image K/V, and the image encoder's output widths."""
+
+    cross_attention_dim: int  # C: text tokens [B, S, C], image tokens [B, T, C]
+    layer_hidden_sizes: tuple[int, ...]  # per cross-attention layer, in diffusers processor order
+    clip_dims: Mapping[str, int]  # {"image_embeds": D of [B, D], "penultimate": D of [B, L, D]}
+
+    def clip_embedding_dim(self, output: ClipOutput) -> int:
+        return int(self.clip_dims[output])
+
+
 class Backbone(Protocol):
     """What training needs from a base model. `ipa_train.hosts.backbone_diffusers.DiffusersBackbone` implements it
-    for diffusers folders; a host (ComfyUI) can implement it over its own model objects.
+    for diffusers folders; a host (ComfyUI) can implement it over its own model objects; a DiT backbone (Flux,
+    SD3) implements the same methods over its transformer.
 
-    Encoders are frozen and run without gradients; `predict` runs the frozen UNet with the installed adapter
+    Memory order: training asks only for `sizes` before the encoders have run, caches every embedding of a small
+    dataset, calls `release`, and only then calls the methods that need the denoiser (`init_adapter`,
+    `attach`, `predict`, `enable_gradient_checkpointing`). A backbone that loads lazily thus never holds the
+    denoiser and an encoder at once: peak memory is max(encoders, denoiser), not their sum.
+
+    Encoders are frozen and run without gradients; `predict` runs the frozen denoiser with the installed adapter
     and must let gradients reach `ip_tokens` (and the adapter's image K/V weights).
     """
 
     device: torch.device
     prediction_type: str  # "epsilon" | "v_prediction"
     num_train_timesteps: int
-    cross_attention_dim: int
 
-    def clip_embedding_dim(self, output: ClipOutput) -> int:
-        """Width of the image encoder's `image_embeds` or penultimate hidden states."""
-        ...
-
-    def layer_hidden_sizes(self) -> list[int]:
-        """Inner width of every cross-attention layer, in diffusers processor order."""
+    @property
+    def sizes(self) -> BackboneSizes:
+        """The adapter's widths, read from the models' configs (or meta-device modules): never loads weights,
+        so the pre-flight and the adapter's shape cost no memory."""
         ...
 
     def encode_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

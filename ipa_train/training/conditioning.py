@@ -67,7 +67,7 @@ class Conditioning:
 
     def _dropped_clip(self) -> torch.Tensor:
         if self.output == "image_embeds":
-            return torch.zeros(self.backbone.clip_embedding_dim("image_embeds"))  # [D]
+            return torch.zeros(self.backbone.sizes.clip_embedding_dim("image_embeds"))  # [D]
         zeros = torch.zeros(1, 3, 224, 224)  # a zero *normalized* pixel tensor, as the reference drops plus
         return self.backbone.encode_image(zeros, self.output)[0].float().cpu()  # [L, D]
 

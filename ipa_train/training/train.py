@@ -35,7 +35,7 @@ from ..adapter.formats import load_adapter, save_adapter
 from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
 from ..outputs import MB, OutputError, check_output_dir, check_output_file
-from .backbone import Backbone, TextCondition
+from .backbone import Backbone, BackboneSizes, TextCondition
 from .checkpoints import (
     ADAPTER_FILE,
     CHECKPOINTS_DIR,
@@ -58,8 +58,9 @@ from .engine import Engine
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ADAPTER_FILE", "CHECKPOINTS_DIR", "STATE_JSON_FILE", "STATE_TENSORS_FILE", "AdapterModel", "Backbone", "Batch",
-    "Conditioning", "Engine", "LoopState", "TextCondition", "TrainConfig", "TrainResult", "adapter_config_for",
+    "ADAPTER_FILE", "CHECKPOINTS_DIR", "STATE_JSON_FILE", "STATE_TENSORS_FILE", "AdapterModel", "Backbone",
+    "BackboneSizes", "Batch", "Conditioning", "Engine", "LoopState", "TextCondition", "TrainConfig", "TrainResult",
+    "adapter_config_for",
     "build_adapter", "drop_decisions", "find_checkpoint", "load_checkpoint", "resampler_config", "sample_indices",
     "save_checkpoint", "set_seed", "train", "TrainingDiverged", "preflight",
 ]
@@ -78,14 +79,15 @@ def resampler_config(cross_dim: int) -> ResamplerConfig:
 
 
 def adapter_config_for(config: TrainConfig, backbone: Backbone) -> AdapterConfig:
-    """The adapter a from-scratch run trains on `backbone`."""
-    cross = int(backbone.cross_attention_dim)
+    """The adapter a from-scratch run trains on `backbone` (from its config-only sizes: nothing is loaded)."""
+    sizes = backbone.sizes
+    cross = int(sizes.cross_attention_dim)
     return AdapterConfig(
         projection=config.projection,
         num_tokens=config.tokens,
-        clip_embedding_dim=backbone.clip_embedding_dim(config.clip_output),
+        clip_embedding_dim=sizes.clip_embedding_dim(config.clip_output),
         cross_attention_dim=cross,
-        layer_hidden_sizes=tuple(backbone.layer_hidden_sizes()),
+        layer_hidden_sizes=tuple(sizes.layer_hidden_sizes),
         clip_output=config.clip_output,
         fusion=config.fusion,
         resampler=resampler_config(cross) if config.projection == "plus" else None,
@@ -108,12 +110,13 @@ def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter:
     if unexpected or any(not k.startswith("fusion.") for k in missing):
         raise TrainConfigError(f"{config.init_adapter}: cannot load into a {cfg.variant} adapter "
                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    hidden = tuple(backbone.layer_hidden_sizes())
-    if cfg.layer_hidden_sizes != hidden or cfg.cross_attention_dim != backbone.cross_attention_dim:
+    sizes = backbone.sizes
+    hidden = tuple(sizes.layer_hidden_sizes)
+    if cfg.layer_hidden_sizes != hidden or cfg.cross_attention_dim != sizes.cross_attention_dim:
         raise TrainConfigError(
             f"{config.init_adapter}: this adapter ({cfg.cross_attention_layers} layers, text width "
             f"{cfg.cross_attention_dim}) was made for another base model than the one being trained "
-            f"({len(hidden)} layers, text width {backbone.cross_attention_dim}); pick an adapter of the same family")
+            f"({len(hidden)} layers, text width {sizes.cross_attention_dim}); pick an adapter of the same family")
     return adapter
 
 
@@ -188,7 +191,9 @@ class TrainingDiverged(TrainConfigError):
 
 def preflight(config: TrainConfig, backbone: Backbone, main: bool = True) -> Path | None:
     """Checks made before any work: the init adapter, the output folder (a folder, writable, room for a checkpoint
-    and the exported adapter) and the checkpoint to resume from, which is returned."""
+    and the exported adapter) and the checkpoint to resume from, which is returned. The adapter's size comes from
+    `backbone.sizes` (configs only): no model is loaded here, so the encoders run and are released before the
+    denoiser ever loads."""
     out = Path(config.output_dir)
     cfg = load_adapter(config.init_adapter).config if config.init_adapter else adapter_config_for(config, backbone)
     with torch.device("meta"):
