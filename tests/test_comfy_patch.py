@@ -212,3 +212,16 @@ def test_encode_takes_inputs_in_any_dtype(adapter):
     assert half.cond.dtype == torch.float32
     torch.testing.assert_close(half.cond, ref.cond, rtol=0, atol=2e-2)
     assert all(p.dtype == torch.float32 for p in adapter.parameters())
+
+
+def test_per_call_copies_are_capped_but_per_apply_ones_kept():
+    from ipa_train.hosts.placement import DeviceCopies
+
+    copies = DeviceCopies(limit=3)
+    cpu = torch.device("cpu")
+    kept = copies.get((cpu, None, "kv"), lambda: "kv")
+    for i in range(7):
+        copies.get((cpu, None, "batched", i), lambda: i, bounded=True)
+    assert len(copies) <= 4 and copies.get((cpu, None, "kv"), lambda: "new") is kept
+    copies.keep_only("meta")
+    assert len(copies) == 0

@@ -211,7 +211,7 @@ class AdapterApplication:
                 ks.append(frames.select_rows(k, [0], per_chunk, opts))
                 vs.append(frames.select_rows(v, [0], per_chunk, opts))
             return torch.cat(ks), torch.cat(vs)
-        return self._copies.get(key, make)
+        return self._copies.get(key, make, bounded=True)
 
     def call_kv(self, text: torch.Tensor, cond_or_uncond: list[int],
                 extra_options: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -268,7 +268,7 @@ class AdapterApplication:
             m = mask_for_layer(self.mask.to(q.device, torch.float32), hw, q.shape[1]).to(q.dtype)  # [M, Lq, 1]
             # [frames hook 4] one mask per frame: row r takes its frame's mask (M = 1 broadcasts)
             return frames.select_rows(m, cond_or_uncond, q.shape[0], extra_options)
-        return self._copies.get(key, make)
+        return self._copies.get(key, make, bounded=True)
 
     def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict) -> torch.Tensor:
         if self.weights[index] == 0 or not self.active(extra_options):

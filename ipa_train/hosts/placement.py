@@ -28,10 +28,6 @@ def as_device(device: Any) -> torch.device:
     return d
 
 
-def is_compute_dtype(dtype: Any) -> bool:
-    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _versions(module: torch.nn.Module) -> tuple[int, ...]:
     """In-place updates (an optimizer step) bump a tensor's version: a copy made before them is stale."""
     return tuple(p._version for p in module.parameters())
@@ -60,28 +56,40 @@ def adapter_on(adapter: torch.nn.Module, device: Any) -> torch.nn.Module:
 
 
 class DeviceCopies:
-    """Copies of a patch's tensors keyed by (device, dtype, what), made once; `keep_only(device)` drops those on
-    other devices (the model left them), so a patch never holds a second set per sampling run."""
+    """Copies of a patch's tensors keyed by (device, dtype, what, ...), each made once; `keep_only(device)` drops
+    those on other devices (the model left them), so a patch never holds a second set per sampling run.
 
-    def __init__(self, limit: int = 4096):
+    Per-call-shape entries (`bounded=True`: one per layer, chunk order, batch and frame window) are capped at
+    `limit`, dropped together when it is reached (a long animation's sliding windows would otherwise keep every
+    window's K/V); the few per-apply copies (the K/V of every layer, the tokens, the adapter) are kept.
+    """
+
+    def __init__(self, limit: int = 512):
         self.limit = limit
         self._items: dict[tuple, Any] = {}
+        self._bounded: set[tuple] = set()
 
-    def get(self, key: tuple, make) -> Any:
+    def get(self, key: tuple, make, bounded: bool = False) -> Any:
         """key = (device, dtype, ...): the cached value, else make() stored under it."""
         hit = self._items.get(key)
         if hit is None:
-            if len(self._items) >= self.limit:
-                self._items.clear()
+            if bounded:
+                if len(self._bounded) >= self.limit:
+                    for k in self._bounded:
+                        self._items.pop(k, None)
+                    self._bounded.clear()
+                self._bounded.add(key)
             hit = self._items[key] = make()
         return hit
 
     def keep_only(self, device: Any) -> None:
         device = as_device(device)
         self._items = {k: v for k, v in self._items.items() if as_device(k[0]) == device}
+        self._bounded &= set(self._items)
 
     def clear(self) -> None:
         self._items.clear()
+        self._bounded.clear()
 
     def __len__(self) -> int:
         return len(self._items)
