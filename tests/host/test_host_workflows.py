@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
-from .server import prepare_base, running_comfyui, write_dataset
+from .server import get, prepare_base, running_comfyui
 from .test_host_server import _error, _run, _write_models
 from .test_host_web import CHROMIUM, CHROMIUM_ARGS, _playwright
-
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-# official file name -> the random-weight stand-in written by _write_models
-STAND_INS = {
-    "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
-    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
-    "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
-}
+from .workflow_api import STAND_INS, WORKFLOWS, output_nodes, shrink, to_api_prompt
 
 LOAD_AND_CONVERT = """async (wf) => {
   const app = window.comfyAPI.app.app;
@@ -51,12 +43,12 @@ def browser_server(comfy, tmp_path_factory):
                 converted = {path.stem: page.evaluate(LOAD_AND_CONVERT, json.loads(path.read_text())) for path in WORKFLOWS}
             finally:
                 browser.close()
-        yield url, base, converted, errors
+        yield url, base, converted, errors, get(url + "/object_info")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
-    _, _, converted, errors = browser_server
+    _, _, converted, errors, _ = browser_server
     wf = json.loads(path.read_text())
     result = converted[path.stem]
     assert result["missing"] == [], f"missing node types: {result['missing']}"
@@ -78,52 +70,28 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
     assert not errors, "\n".join(errors)
 
 
-def _shrink(prompt: dict, base: Path) -> dict:
-    """The frontend's API prompt with the random models under the official names' places, a tiny offline CLIP for
-    evaluation, a 3-image dataset, 64x64 latents and 2 sampling/training steps, to keep it short on CPU."""
-    from ipa_train.toy.tiny import write_tiny_clip
-
-    clip_dir = base / "tiny_clip"
-    if not clip_dir.exists():
-        write_tiny_clip(clip_dir)
-    dataset = base / "input" / "wf_dataset"
-    if not dataset.exists():
-        write_dataset(dataset, 3, size=(72, 64))
-    for node in prompt.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        for key, value in list(inputs.items()):
-            if isinstance(value, str) and value in STAND_INS:
-                inputs[key] = STAND_INS[value]
-        if kind == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif kind == "KSampler":
-            inputs.update(steps=2)
-        elif kind in ("IPAKitEvaluate", "IPAKitWeightSweep") and inputs.get("clip_model"):
-            inputs["clip_model"] = str(clip_dir)
-        if kind == "IPAKitWeightSweep":
-            inputs.update(steps=2, weights="0, 1")
-        elif kind == "IPAKitDataset":
-            inputs["path"] = str(dataset)
-        elif kind == "IPAKitTrain":
-            inputs.update(steps=2, resolution=64, validate_every=0, save_every=0)
-    return prompt
-
-
 @pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS])
 def test_workflow_runs(browser_server, name):
     """Every workflow, as the API prompt the frontend made from it, runs with the stand-in models, and each of its
     output nodes produced something."""
-    url, base, converted, _ = browser_server
-    prompt = _shrink(converted[name]["output"], Path(base))
+    url, base, converted, _, _ = browser_server
+    prompt = shrink(converted[name]["output"], Path(base))
     wf_files = [v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str) and v in STAND_INS.values()]
     assert wf_files, "the workflow names none of the official model files"
     entry = _run(url, prompt)
     assert entry["status"]["status_str"] == "success", _error(entry)
-    outputs = [k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage", "PreviewAny")]
+    outputs = output_nodes(prompt)
     assert outputs and all(entry["outputs"].get(k) for k in outputs), sorted(entry["outputs"])
     for k in outputs:
         for image in entry["outputs"][k].get("images", []):
             assert (Path(base) / image["type"] / image["subfolder"] / image["filename"]).is_file()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_python_conversion_matches_the_frontend(browser_server, path):
+    """workflow_api.to_api_prompt (used where no browser is installed) gives the frontend's API prompt."""
+    _, _, converted, _, object_info = browser_server
+    assert to_api_prompt(json.loads(path.read_text()), object_info) == converted[path.stem]["output"]
 
 
 def test_template_browser_lists_every_workflow_with_its_thumbnail(browser_server):
