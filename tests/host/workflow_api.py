@@ -128,9 +128,9 @@ def run_order() -> list[str]:
 
 
 def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps: int = 2,
-                  report: Callable[[str, int, str, float], None] | None = None) -> list[str]:
-    """Each workflow in `run_order()` on the server at `url`, then each again in reverse order with another
-    reference and seeds (`changed`); returns the failures, one line each. report(name, round, error or "", s)."""
+                  report: Callable[[str, int, str, float], None] | None = None, rounds: int = 2) -> list[str]:
+    """Each workflow in `run_order()` on the server at `url`, then (rounds=2) each again in reverse order with
+    another reference and seeds (`changed`); returns the failures, one line each. report(name, round, error, s)."""
     from .server import get
     from .test_host_server import _error, _run
 
@@ -138,7 +138,7 @@ def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps:
     prompts = {p.stem: shrink(to_api_prompt(json.loads(p.read_text()), info), base, size, steps) for p in WORKFLOWS}
     order = run_order()
     failures = []
-    for round_no, names in enumerate((order, order[::-1]), start=1):
+    for round_no, names in enumerate((order, order[::-1])[:rounds], start=1):
         for name in names:
             prompt = prompts[name] if round_no == 1 else changed(prompts[name], reference_b)
             start = time.perf_counter()
