@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
         status = "ok" if not error else "error: " + error.splitlines()[0][:300]
         print(f"{name:40s} round {round_no}  {status:8s}  {seconds:7.1f} s", flush=True)
 
+    # a SIGTERM (a timeout) unwinds like Ctrl-C, so the server is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     start = time.perf_counter()
     with running_comfyui(base, flags, cpu=args.cpu, comfyui=comfyui, log_name="gpu_workflows_server.log") as url:
         failures = run_all_twice(url, base, "reference_b.png", size, steps, report)

@@ -148,7 +148,7 @@ def test_every_node_twice_leaves_what_it_was_given_unchanged(comfy, kit, half, t
     old = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
     try:
-        for run in range(2):
+        for _ in range(2):  # the second time: a queued-again prompt with other images
             image, frames = torch.rand(2, 64, 64, 3, generator=g), torch.rand(3, 64, 64, 3, generator=g)
             embeds = m["apply"].IPAKitEncodeImage.execute(adapter, clip, image, "average").result[0]
             per_frame = m["frames"].IPAKitEncodeFrames.execute(adapter, clip, frames, 2, "center", "lanczos", 0.3).result[0]
@@ -171,7 +171,7 @@ def test_every_node_twice_leaves_what_it_was_given_unchanged(comfy, kit, half, t
                 _sample(p, batch=3)
             sweep = m["evaluate"].run_sweep(model, adapter, embeds, image[:1], [[torch.zeros(1, 77, 768), {}]],
                                             [[torch.zeros(1, 77, 768), {}]], {"samples": torch.zeros(1, 4, 16, 16)},
-                                            FakeVae(), weights="0, 1", seeds_per_point=1, steps=1, clip_vision=clip)
+                                            FakeVae(), weights="0, 1", seeds_per_point=2, steps=1, clip_vision=clip)
             m["evaluate"].evaluate_and_save(sweep[1], image[:1], "", "", clip)
             with pytest.raises(IPAKitError, match="ip-adapter_sd15.safetensors"):  # the family read off a half model
                 m["presets"].IPAKitPresetLoader.execute(model, "standard")

@@ -36,5 +36,5 @@ def test_every_workflow_in_sequence_and_requeued(comfy, tmp_path, flags, rounds)
     change nothing on CPU, where ComfyUI disables its VRAM states: benchmarks/gpu_workflows.py takes them on a GPU.)"""
     base = _base(comfy, tmp_path)
     with running_comfyui(base, flags) as url:
-        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds)
+        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds, light=True)
     assert not failures, "\n".join(failures)

@@ -64,10 +64,10 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def shrink(prompt: dict, base: Path, size: int = 64, steps: int = 2) -> dict:
+def shrink(prompt: dict, base: Path, size: int = 64, steps: int = 2, light: bool = False) -> dict:
     """The API prompt with the random models under the official names' places, a tiny offline CLIP for
     evaluation, a 3-image dataset, `size` px latents and `steps` sampling steps, 2 training steps at 64 px, to keep
-    it short on CPU."""
+    it short on CPU. light: also at most 2 latents per batch and one seed per sweep point (the same nodes run)."""
     from ipa_train.toy.tiny import write_tiny_clip
 
     from .server import write_dataset
@@ -85,12 +85,16 @@ def shrink(prompt: dict, base: Path, size: int = 64, steps: int = 2) -> dict:
                 inputs[key] = STAND_INS[value]
         if kind == "EmptyLatentImage":
             inputs.update(width=size, height=size)
+            if light:
+                inputs["batch_size"] = min(2, int(inputs.get("batch_size", 1)))
         elif kind == "KSampler":
             inputs.update(steps=steps)
         elif kind in ("IPAKitEvaluate", "IPAKitWeightSweep") and inputs.get("clip_model"):
             inputs["clip_model"] = str(clip_dir)
         if kind == "IPAKitWeightSweep":
             inputs.update(steps=steps, weights="0, 1")
+            if light:
+                inputs["seeds_per_point"] = 1
         elif kind == "IPAKitDataset":
             inputs["path"] = str(dataset)
         elif kind == "IPAKitTrain":
@@ -128,14 +132,16 @@ def run_order() -> list[str]:
 
 
 def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps: int = 2,
-                  report: Callable[[str, int, str, float], None] | None = None, rounds: int = 2) -> list[str]:
+                  report: Callable[[str, int, str, float], None] | None = None, rounds: int = 2,
+                  light: bool = False) -> list[str]:
     """Each workflow in `run_order()` on the server at `url`, then (rounds=2) each again in reverse order with
     another reference and seeds (`changed`); returns the failures, one line each. report(name, round, error, s)."""
     from .server import get
     from .test_host_server import _error, _run
 
     info = get(url + "/object_info")
-    prompts = {p.stem: shrink(to_api_prompt(json.loads(p.read_text()), info), base, size, steps) for p in WORKFLOWS}
+    prompts = {p.stem: shrink(to_api_prompt(json.loads(p.read_text()), info), base, size, steps, light)
+               for p in WORKFLOWS}
     order = run_order()
     failures = []
     for round_no, names in enumerate((order, order[::-1])[:rounds], start=1):
