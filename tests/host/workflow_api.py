@@ -25,13 +25,13 @@ NOT_EXECUTED = ("Note", "MarkdownNote")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
-def _input_options(object_info: dict, node_type: str, name: str) -> dict:
-    spec = object_info.get(node_type, {}).get("input", {})
-    for section in ("required", "optional"):
-        decl = spec.get(section, {}).get(name)
-        if decl is not None:
-            return decl[1] if len(decl) > 1 and isinstance(decl[1], dict) else {}
-    return {}
+def _declared(object_info: dict, node_type: str) -> dict | None:
+    """name -> options of the node's inputs as the server declares them; None when the server does not know it."""
+    if node_type not in object_info:
+        return None
+    spec = object_info[node_type].get("input", {})
+    return {name: (decl[1] if len(decl) > 1 and isinstance(decl[1], dict) else {})
+            for section in ("required", "optional") for name, decl in spec.get(section, {}).items()}
 
 
 def to_api_prompt(workflow: dict, object_info: dict) -> dict:
@@ -44,16 +44,22 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
     for node in workflow["nodes"]:
         if node["type"] in NOT_EXECUTED or node.get("mode", 0) in (2, 4):  # muted / bypassed
             continue
+        declared = _declared(object_info, node["type"])
         values = list(node.get("widgets_values") or [])
+        slots = node.get("inputs", [])
+        has_upload_slot = any(s["name"] == "upload" for s in slots)
         inputs: dict = {}
-        for slot in node.get("inputs", []):
+        for slot in slots:
             name, link = slot["name"], slot.get("link")
             if "widget" in slot:
                 value = values.pop(0) if values else None
-                opts = _input_options(object_info, node["type"], name)
-                if values and (opts.get("control_after_generate") or opts.get("image_upload")):
-                    if not opts.get("image_upload") or values[0] == "image":
-                        values.pop(0)
+                if declared is not None and name not in declared:
+                    continue  # a widget only the frontend has (the image loader's upload button)
+                opts = (declared or {}).get(name, {})
+                if values and opts.get("control_after_generate"):
+                    values.pop(0)
+                elif values and opts.get("image_upload") and not has_upload_slot and values[0] == "image":
+                    values.pop(0)
                 elif values and isinstance(value, int) and values[0] in CONTROL_VALUES:
                     values.pop(0)
                 inputs[name] = value
