@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cost of our patch on a sampling step: SD1.5-architecture UNet (random fp32 weights) at 128x128 on CPU.
 
-Prints s/step for the unpatched model and with our plain and plus adapters applied (cfg batch of 2, one
+Prints s/step (`--dtype fp16` / `bf16`: the UNet computing in half precision) for the unpatched model and with our plain and plus adapters applied (cfg batch of 2, one
 cond and one uncond chunk, exactly what a KSampler step runs), and the overhead ratios, from one run. Then, for
 every weight type, our plain adapter next to the community pack's node (cubiq/ComfyUI_IPAdapter_plus, when
 IPADAPTER_PLUS_PATH names a checkout) with the same adapter file, each against the unpatched model measured in
@@ -44,6 +44,7 @@ def boot_comfy():
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLOCK = time.process_time
 
 
@@ -116,6 +117,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types-steps", type=int, default=4, help="steps per weight type (0 skips the weight-type table)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="the UNet's weight and compute dtype (fp16/bf16: as ComfyUI runs them on a GPU; on CPU the "
+                         "compute is forced to that dtype too, where ComfyUI itself would pick fp32)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall: elapsed time (use on an idle machine); cpu: this process's CPU time, which other "
                          "load on a shared machine hardly moves (use with --threads 1)")
@@ -134,7 +138,9 @@ def main() -> None:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
     hidden = tuple(unet_layer_hidden_sizes(unet))
-    patcher = comfy.sd.load_diffusion_model_state_dict(unet.state_dict(), model_options={"dtype": torch.float32})
+    dtype = DTYPES[args.dtype]
+    patcher = comfy.sd.load_diffusion_model_state_dict(unet.state_dict(), model_options={"dtype": dtype})
+    patcher.model.manual_cast_dtype = None  # compute in the weights' dtype (ComfyUI's choice on a GPU)
     del unet
     x = torch.randn(2, 4, 16, 16)  # 128x128 image -> 16x16 latent; cond + uncond
     ctx = torch.randn(2, 77, 768)
@@ -152,7 +158,7 @@ def main() -> None:
             models[f"{name} {mode}"] = apply_mod.apply(patcher, adapter, embeds, mode, 1.0, 0.8)
     med = round_robin(models, args.steps, x, sigma, ctx)
     base = med["unpatched"]
-    print(f"SD1.5-architecture UNet, 128x128, cfg batch 2, fp32, {args.threads} threads, {args.clock} clock, "
+    print(f"SD1.5-architecture UNet, 128x128, cfg batch 2, {args.dtype}, {args.threads} threads, {args.clock} clock, "
           f"fastest of {args.steps} steps")
     print(f"{'model':<16} {'s/step':>8} {'vs unpatched':>13}")
     for name, t in med.items():

@@ -27,7 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
     IPAKitTrain,
     IPAKitEvaluate,
     IPAKitWeightSweep,
-    # issue 10: reference preparation, animation batches, embeds files, presets, regions, tiles
+    # reference preparation, animation batches, embeds files, presets, regions, tiles
     IPAKitPresetLoader,
     IPAKitPrepImage,
     IPAKitNoiseImage,

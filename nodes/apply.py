@@ -16,11 +16,11 @@ from .common import (
     host_text_attention,
     logger,
 )
-from .reference import Weights, encode_extra_inputs  # issue 10
+from .reference import Weights, encode_extra_inputs
 
 MODES = ["scaled", "fused"]
 LAYERS = ["all", "style", "composition", "custom"]
-CROPS = ["center", "squash", "pad", "top", "bottom", "left", "right"]  # issue 10: crop positions appended
+CROPS = ["center", "squash", "pad", "top", "bottom", "left", "right"]  # positions after "pad": saved workflows keep their values
 COMBINE = ["concat", "add", "subtract", "average", "norm average", "max", "min"]
 WEIGHT_TYPES = ["linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak output",
                 "weak middle", "strong middle", "style transfer", "composition", "strong style transfer",
@@ -128,7 +128,7 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     app = AdapterApplication(
         adapter, embeds, plans,
         sigma_start=float(sampling.percent_to_sigma(start_at)), sigma_end=float(sampling.percent_to_sigma(end_at)),
-        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, frame_weights=frame_weights,  # issue 10: per-frame weights
+        mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda, frame_weights=frame_weights,
         embeds_scaling=embeds_scaling, embeds_alt=embeds_alt,
     )
     m = model.clone()
@@ -163,7 +163,7 @@ class IPAKitEncodeImage(io.ComfyNode):
                                tooltip="How a non-square image becomes 224x224: center crop, squash, or pad to a square."),
                 io.Image.Input("image_negative", optional=True,
                                tooltip="Optional negative reference: used for the unconditional side instead of the neutral one."),
-                *encode_extra_inputs(),  # issue 10: appended, so saved workflows keep their widget values
+                *encode_extra_inputs(),  # appended, so saved workflows keep their widget values
                 io.String.Input("reference_weights", default="", optional=True,
                                 tooltip="One weight per image of the batch, e.g. '1.0, 0.5' (empty = all 1). With concat "
                                         "it scales that image's share of the image attention; with a merge it "
@@ -211,12 +211,12 @@ class IPAKitApply(io.ComfyNode):
                                         "e.g. '0:1.0, 6:0.5'; unlisted layers get 0."),
                 io.Mask.Input("attn_mask", optional=True,
                               tooltip="Optional mask: the image prompt acts only where the mask is white."),
-                Weights.Input("frame_weights", optional=True,  # issue 10
+                Weights.Input("frame_weights", optional=True,
                               tooltip="Optional per-frame weights from IPAKitWeightSchedule (frame i of the latent batch)."),
                 *weight_type_inputs(),
                 io.Combo.Input("embeds_scaling", options=EMBEDS_SCALING, default="V only", optional=True,
                                tooltip=_SCALING_TIP),
-                # defaults: the community pack's Advanced / Embeds nodes (issue 18); a saved value stays the boost
+                # defaults: the community pack's Advanced / Embeds nodes; a saved value stays the boost
                 io.Float.Input("style_boost", default=BOOST_SAME_AS_WEIGHT, min=BOOST_SAME_AS_WEIGHT, max=5.0, step=0.05,
                                optional=True, tooltip=_BOOST_TIP.format(
                                    which="style transfer precise", layers="composition", node="Precise Style Transfer",

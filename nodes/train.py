@@ -199,12 +199,13 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
     from ipa_train.training.data import load_dataset
     from ipa_train.training.train import train
 
-    from .train_backbone import ComfyBackbone
+    from .train_backbone import ComfyBackbone, mixed_precision_for
 
     name, _, config = _run_config(output_name, adapter, projection=projection, fusion=fusion, steps=steps,
                                         batch_size=batch_size, lr=learning_rate, resolution=resolution,
                                         drop_text=drop_text, drop_image=drop_image, drop_both=drop_both, seed=seed,
-                                        save_every=save_every)
+                                        save_every=save_every,
+                                        mixed_precision=mixed_precision_for(model, mm.get_torch_device()))
     data = load_dataset(dataset["path"], dataset.get("captions_json"), resolution=resolution)
     bar = comfy.utils.ProgressBar(steps, node_id=unique_id)
     samples: list[torch.Tensor] = []

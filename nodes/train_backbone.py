@@ -43,6 +43,20 @@ def clip_vision_dims(clip_vision) -> dict[str, int]:
             "penultimate": width}
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL computes in: its weights' dtype, or the manual-cast one (fp8-stored weights)."""
+    inner = model.model
+    return getattr(inner, "manual_cast_dtype", None) or inner.get_dtype()
+
+
+def mixed_precision_for(model, device) -> str:
+    """TrainConfig.mixed_precision matching a half-precision model on a GPU: autocast and, for fp16, loss scaling
+    (gradients of fp16 activations underflow without it). The adapter's weights stay fp32 either way."""
+    if torch.device(device).type != "cuda":
+        return "no"
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(compute_dtype(model), "no")
+
+
 class ComfyBackbone:
     def __init__(self, model, clip, vae, clip_vision):
         import comfy.model_base
@@ -171,7 +185,7 @@ class ComfyBackbone:
         from ipa_train.hosts.comfy_patch import CALL_KV_KEY
 
         m = self.patched
-        dtype = m.model.get_dtype()
+        dtype = compute_dtype(m)  # the adapter stays fp32 (master weights); its K/V enter the UNet in this dtype
         to = dict(m.model_options.get("transformer_options", {}))
         kv = [(k.to(self.device, dtype), v.to(self.device, dtype)) for k, v in self.adapter.image_kv(ip_tokens.to(self.device))]
         to[CALL_KV_KEY] = {self.app.uid: kv}

@@ -153,3 +153,75 @@ def test_chained_adapters_add_up_and_copies_share_tensors(adapter):
     clone = copy.deepcopy({"attn2": second})
     assert clone["attn2"][sites[0].key[:2]].entries[0][0] is a1
     assert clone["attn2"][sites[0].key[:2]].entries[0][0].kv[0][0][0] is a1.kv[0][0][0]
+
+
+def _snapshot(*tensors):
+    return [(t.dtype, t.device, t.clone()) for t in tensors]
+
+
+def _unchanged(snapshot, tensors):
+    return all(d == t.dtype and dev == t.device and torch.equal(v, t) for (d, dev, v), t in zip(snapshot, tensors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_moving_the_patch_never_moves_what_it_was_given(adapter, dtype):
+    """ComfyUI loads a model with `patch.to(device)` then `patch.to(model dtype)`; the adapter, embeds, mask and
+    weights a patch was given stay as they were (other nodes and later prompts hold them), the patch computes in
+    the query's dtype, and its own copies are made once per device and dtype, not per call."""
+    from ipa_train.hosts.placement import adapter_on
+
+    embeds = _embeds(adapter)
+    mask = torch.ones(1, 4, 4)
+    mask[:, 2:] = 0
+    app = AdapterApplication(adapter, embeds, [1.0, 0.5, 1.0], mode="fused", fusion_lambda=0.5, mask=mask,
+                             frame_weights=[1.0, 0.5])
+    given = [*adapter.state_dict().values(), embeds.cond, embeds.uncond, mask]
+    before = _snapshot(*given)
+    patch = Attn2Replace().add(app, 1)
+    b = 4
+    text = torch.randn(b, 7, C)
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw):
+        q, k, v = (x.to(dtype) for x in _inputs(b))
+        return patch(q, k, v, {**_options([1, 0], b), **transformer_options})
+
+    for _ in range(2):  # two sampling runs, each loading the model again
+        assert patch.to(torch.device("cpu")).to(dtype) is patch
+        outs = [FusionWrapper(app)(executor, None, None, None, text.to(dtype), None, {"cond_or_uncond": [1, 0]})
+                for _ in range(2)]
+        assert all(o.dtype == dtype and torch.isfinite(o).all() for o in outs)
+        assert torch.equal(outs[0], outs[1])
+        copies = len(app._copies)
+    assert _unchanged(before, given)
+    assert copies == len(app._copies) > 0
+    # the model moved away (another device): the copies for this one are dropped; nothing given moved
+    patch.to(torch.device("meta"))
+    assert len(app._copies) == 0 and _unchanged(before, given)
+    moved = adapter_on(adapter, "meta")
+    assert moved is not adapter and next(moved.parameters()).device.type == "meta"
+    assert adapter_on(adapter, "meta") is moved and adapter_on(adapter, "cpu") is adapter
+    assert _unchanged(before, given)
+
+
+def test_encode_takes_inputs_in_any_dtype(adapter):
+    """CLIP vision in fp16 (or an adapter another dtype): inputs are brought to the adapter, never the reverse."""
+    g = torch.Generator().manual_seed(9)
+    clip = torch.randn(1, 20, generator=g)
+    ref = encode_embeds(adapter, clip, torch.zeros(1, 20))
+    half = encode_embeds(adapter, clip.half(), torch.zeros(1, 20, dtype=torch.bfloat16))
+    assert half.cond.dtype == torch.float32
+    torch.testing.assert_close(half.cond, ref.cond, rtol=0, atol=2e-2)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())
+
+
+def test_per_call_copies_are_capped_but_per_apply_ones_kept():
+    from ipa_train.hosts.placement import DeviceCopies
+
+    copies = DeviceCopies(limit=3)
+    cpu = torch.device("cpu")
+    kept = copies.get((cpu, None, "kv"), lambda: "kv")
+    for i in range(7):
+        copies.get((cpu, None, "batched", i), lambda: i, bounded=True)
+    assert len(copies) <= 4 and copies.get((cpu, None, "kv"), lambda: "new") is kept
+    copies.keep_only("meta")
+    assert len(copies) == 0

@@ -246,8 +246,8 @@ def test_checker_catches_mistakes(specs):
 
 
 def test_saved_apply_nodes_keep_their_meaning(specs):
-    """Issue 18 gave IPAKitApply the community pack's Advanced-node defaults: the boosts' default became 'the same as
-    the weight' and weight_composition (1.0) was appended. A saved workflow stores its boosts positionally (1.0 / 0.0,
+    """IPAKitApply takes the community pack's Advanced-node defaults: the boosts' default is 'the same as
+    the weight' and weight_composition (1.0) is appended. A saved workflow stores its boosts positionally (1.0 / 0.0,
     the old defaults): mapped as the frontend maps them they still land on style_boost / composition_boost and still
     are the boosts, so every weight type gives the layer weights it gave before, except the style-and-composition
     types, whose composition layers now get weight_composition instead of the weight (README). Checked on the

@@ -22,6 +22,7 @@ from ..adapter.references import combine_clip, reference_weights, token_weights
 from ..adapter.weight_types import LayerPlan
 from ..errors import IPAKitError
 from . import frames
+from .placement import DeviceCopies, adapter_on, as_device
 
 TextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 CALL_KV_KEY = "ipakit_kv"  # transformer_options entry holding per-call image K/V of fused applications
@@ -62,12 +63,18 @@ def encode_embeds(adapter: IPAdapter, cond_clip: torch.Tensor, uncond_clip: torc
         uncond_clip = uncond_clip[:1].expand(n, *uncond_clip.shape[1:])
     w = reference_weights(weights, n)
     merge_w = None if method == "concat" else w
-    with torch.no_grad():
-        cond = adapter.project(combine_clip(cond_clip, method, merge_w))
-        uncond = adapter.project(combine_clip(uncond_clip, method, merge_w))
+    like = _param_like(adapter)
+    with torch.no_grad():  # the CLIP outputs may come in the encoder's dtype (fp16): the adapter's own is used
+        cond = adapter.project(combine_clip(cond_clip.to(like), method, merge_w))
+        uncond = adapter.project(combine_clip(uncond_clip.to(like), method, merge_w))
     groups = n if method == "concat" else 1
     tw = token_weights(w, cond.shape[1] // groups) if method == "concat" else None
     return ImageEmbeds(cond, uncond, adapter.config.variant, n, groups, tw)
+
+
+def _param_like(adapter: IPAdapter) -> torch.Tensor:
+    """A tensor with the adapter's device and dtype (inputs are brought to it, never the adapter to them)."""
+    return next(adapter.parameters())
 
 
 def _weighted_values(kv: list[tuple[torch.Tensor, torch.Tensor]], tw: torch.Tensor | None) -> list:
@@ -83,12 +90,13 @@ def layer_kv(adapter: IPAdapter, embeds: ImageEmbeds, plans: list[LayerPlan], sc
     Returns ({0: [(k, v) | None per layer], 1: [...]}, the weight left to multiply each layer's image term by).
     A layer of weight 0 gets None: it does no image-attention work.
     """
+    like = _param_like(adapter)
     with torch.no_grad():
-        ref = _weighted_values(adapter.image_kv(embeds.cond), embeds.token_weights)
-        neutral = _weighted_values(adapter.image_kv(embeds.uncond), embeds.token_weights)
+        ref = _weighted_values(adapter.image_kv(embeds.cond.to(like)), embeds.token_weights)
+        neutral = _weighted_values(adapter.image_kv(embeds.uncond.to(like)), embeds.token_weights)
         if alt is not None:
-            alt_c = _weighted_values(adapter.image_kv(alt.cond), alt.token_weights)
-            alt_u = _weighted_values(adapter.image_kv(alt.uncond), alt.token_weights)
+            alt_c = _weighted_values(adapter.image_kv(alt.cond.to(like)), alt.token_weights)
+            alt_u = _weighted_values(adapter.image_kv(alt.uncond.to(like)), alt.token_weights)
         kv: dict[int, list] = {0: [], 1: []}
         post: list[float] = []
         for i, plan in enumerate(plans):
@@ -150,26 +158,34 @@ class AdapterApplication:
         self.token_weights = embeds.token_weights
         self.groups = embeds.groups
         self.embeds_scaling = embeds_scaling
-        # {0: cond rows, 1: uncond rows} -> [(k, v) [1 or F, T, h] | None] per layer; post[i] multiplies layer i's term
+        # {0: cond rows, 1: uncond rows} -> [(k, v) [1 or F, T, h] | None] per layer; post[i] multiplies layer i's term.
+        # Computed once here on the adapter's device and dtype; calls use copies in their own (see `placement`).
         self.kv, self.post = layer_kv(adapter, embeds, self.plans, embeds_scaling, embeds_alt)
-        self._cache: dict[Any, Any] = {}
+        self._copies = DeviceCopies()
 
     # ComfyUI deep-copies model_options on every clone: share the tensors, never copy them.
     def __deepcopy__(self, memo: dict) -> AdapterApplication:
         return self
 
-    def to(self, device: Any) -> AdapterApplication:
-        self.kv = {c: [None if kv is None else (kv[0].to(device), kv[1].to(device)) for kv in layers]
-                   for c, layers in self.kv.items()}
-        self.cond_tokens = self.cond_tokens.to(device)
-        if self.adapter is not None:
-            self.adapter.to(device)
-        if self.mask is not None:
-            self.mask = self.mask.to(device)
-        if self.frame_weights is not None:
-            self.frame_weights = self.frame_weights.to(device)
-        self._cache.clear()
+    def to(self, target: Any) -> AdapterApplication:
+        """ComfyUI moves patches with the model: `.to(device)` then `.to(model dtype)` at every load, `.to(offload
+        device)` at unload. Nothing the patch was given moves: the adapter, embeds, mask and weights are shared with
+        other nodes and later prompts. Copies on other devices are dropped; new ones are made at the first call on
+        the new device, in the dtype of its query (the compute dtype: fp8-stored weights compute in the manual-cast
+        dtype, so the dtype passed here is not used)."""
+        if not isinstance(target, torch.dtype):
+            self._copies.keep_only(target)
         return self
+
+    def _kv_on(self, device: Any, dtype: Any) -> dict[int, list]:
+        """self.kv cast once to (device, dtype)."""
+        def make():
+            return {c: [None if kv is None else (kv[0].to(device, dtype), kv[1].to(device, dtype)) for kv in layers]
+                    for c, layers in self.kv.items()}
+        return self._copies.get((as_device(device), dtype, "kv"), make)
+
+    def _tensor_on(self, name: str, tensor: torch.Tensor, device: Any, dtype: Any) -> torch.Tensor:
+        return self._copies.get((as_device(device), dtype, name), lambda: tensor.to(device, dtype))
 
     def active(self, extra_options: dict) -> bool:
         sigmas = extra_options.get("sigmas")
@@ -182,21 +198,20 @@ class AdapterApplication:
                  extra_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of layer `index` in the batch's chunk order: [B, T, h] each."""
         opts = extra_options or {}
-        key = (index, tuple(cond_or_uncond), batch, device, dtype, frames.frames_key(opts, batch, len(cond_or_uncond)))
-        hit = self._cache.get(key)
-        if hit is None:
+        key = (as_device(device), dtype, "batched", index, tuple(cond_or_uncond), batch,
+               frames.frames_key(opts, batch, len(cond_or_uncond)))
+
+        def make():
+            kv = self._kv_on(device, dtype)
             per_chunk = batch // max(1, len(cond_or_uncond))
             ks, vs = [], []
             for c in cond_or_uncond:
-                k, v = self.kv[1 if c == 1 else 0][index]
+                k, v = kv[1 if c == 1 else 0][index]
                 # [frames hook 2] per-frame embeds: row r of the chunk takes the K/V of its frame
                 ks.append(frames.select_rows(k, [0], per_chunk, opts))
                 vs.append(frames.select_rows(v, [0], per_chunk, opts))
-            hit = (torch.cat(ks).to(device, dtype), torch.cat(vs).to(device, dtype))
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[key] = hit
-        return hit
+            return torch.cat(ks), torch.cat(vs)
+        return self._copies.get(key, make, bounded=True)
 
     def call_kv(self, text: torch.Tensor, cond_or_uncond: list[int],
                 extra_options: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -207,22 +222,27 @@ class AdapterApplication:
         b = text.shape[0]
         per_chunk = b // max(1, len(cond_or_uncond))
         is_cond = torch.tensor([c != 1 for c in cond_or_uncond for _ in range(per_chunk)], device=text.device)
-        adapter_dtype = next(self.adapter.parameters()).dtype
+        # the adapter (or its copy on the text's device), in its own dtype: the fusion runs in full precision
+        adapter = self._copies.get((as_device(text.device), None, "adapter"), lambda: adapter_on(self.adapter, text.device))
+        adapter_dtype = next(adapter.parameters()).dtype
+        uncond_kv = self._kv_on(text.device, adapter_dtype)[1]
+        token_w = None if self.token_weights is None else self._tensor_on("tw", self.token_weights, text.device, adapter_dtype)
         with torch.no_grad():
             # [frames hook 3] per-frame embeds: each row fuses its own frame's tokens
-            tokens = frames.select_rows(self.cond_tokens.to(text.device, adapter_dtype), cond_or_uncond, b, extra_options or {})
-            fused = self.adapter.fuse(tokens, text.to(adapter_dtype), self.fusion_lambda)  # [B, T, C]
-            cond_kv = _weighted_values(self.adapter.image_kv(fused), self.token_weights)
+            tokens = frames.select_rows(self._tensor_on("tokens", self.cond_tokens, text.device, adapter_dtype),
+                                        cond_or_uncond, b, extra_options or {})
+            fused = adapter.fuse(tokens, text.to(adapter_dtype), self.fusion_lambda)  # [B, T, C]
+            cond_kv = _weighted_values(adapter.image_kv(fused), token_w)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         rows = is_cond.view(-1, 1, 1)
-        for plan, (k_c, v_c), uncond in zip(self.plans, cond_kv, self.kv[1]):
+        for plan, (k_c, v_c), uncond in zip(self.plans, cond_kv, uncond_kv):
             if plan.route != "ref" or uncond is None:
                 out.append(None)
                 continue
             k_c, v_c, _ = scale_image_kv(k_c, v_c, plan.weight, self.embeds_scaling, self.groups)
             k_u = frames.select_rows(uncond[0], cond_or_uncond, b, extra_options or {})
             v_u = frames.select_rows(uncond[1], cond_or_uncond, b, extra_options or {})
-            out.append((torch.where(rows, k_c, k_u.to(k_c)), torch.where(rows, v_c, v_u.to(v_c))))
+            out.append((torch.where(rows, k_c, k_u), torch.where(rows, v_c, v_u)))
         return out
 
     def image_term_kv(self, index: int, q: torch.Tensor, extra_options: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,14 +261,14 @@ class AdapterApplication:
         if hw is None:
             return None
         cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
-        key = ("mask", hw, q.shape[1], q.shape[0], q.device, q.dtype,
+        key = (as_device(q.device), q.dtype, "mask", hw, q.shape[1], q.shape[0],
                frames.frames_key(extra_options, q.shape[0], len(cond_or_uncond)))
-        hit = self._cache.get(key)
-        if hit is None:
-            m = mask_for_layer(self.mask.to(q.device), hw, q.shape[1]).to(q.dtype)  # [M, Lq, 1]
+
+        def make():
+            m = mask_for_layer(self.mask.to(q.device, torch.float32), hw, q.shape[1]).to(q.dtype)  # [M, Lq, 1]
             # [frames hook 4] one mask per frame: row r takes its frame's mask (M = 1 broadcasts)
-            hit = self._cache[key] = frames.select_rows(m, cond_or_uncond, q.shape[0], extra_options)
-        return hit
+            return frames.select_rows(m, cond_or_uncond, q.shape[0], extra_options)
+        return self._copies.get(key, make, bounded=True)
 
     def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict) -> torch.Tensor:
         if self.weights[index] == 0 or not self.active(extra_options):
@@ -257,7 +277,8 @@ class AdapterApplication:
         weight = self.post[index]
         if self.frame_weights is not None:  # [frames hook 5] per-frame weights, [B] multipliers
             cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
-            weight = weight * frames.frame_weight_rows(self.frame_weights, cond_or_uncond, q.shape[0], extra_options)
+            table = self._tensor_on("frame_weights", self.frame_weights, q.device, torch.float32)
+            weight = weight * frames.frame_weight_rows(table, cond_or_uncond, q.shape[0], extra_options)
         return add_image_attention(out, q, k, v, extra_options["n_heads"], weight, self.layer_mask(q, extra_options))
 
 

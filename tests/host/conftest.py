@@ -81,10 +81,12 @@ def cubiq(comfy):
     return sys.modules[name + ".utils"], sys.modules[name + ".IPAdapterPlus"]
 
 
-def tiny_comfy_model(comfy, family: str, seed: int = 0):
+def tiny_comfy_model(comfy, family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     manual_cast: torch.dtype | None = None):
     """A ComfyUI ModelPatcher of a UNet with SD1.5's (16) or SDXL's (70) cross-attention layout and block ids,
     tiny widths (32 channels) and the real text width (768 / 2048, which the community pack reads the family
-    from), random fp32 weights; EPS prediction with SD1.5's schedule. No adm input, so no pooled text needed."""
+    from), random weights (drawn in fp32, stored in `dtype`, computed in `manual_cast` when given, as ComfyUI runs
+    fp8-stored weights); EPS prediction with SD1.5's schedule. No adm input, so no pooled text needed."""
     import comfy.model_base
     import comfy.supported_models
 
@@ -100,7 +102,7 @@ def tiny_comfy_model(comfy, family: str, seed: int = 0):
                    transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=16,
                    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
     config = comfy.supported_models.SD15(cfg)
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, manual_cast)
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the host's layers are created uninitialised

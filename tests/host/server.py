@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,20 +69,24 @@ def write_dataset(folder: Path, count: int, size: tuple[int, int] = (64, 64), se
 
 
 @contextlib.contextmanager
-def running_comfyui(base: Path) -> Iterator[str]:
-    """ComfyUI on CPU serving `base`; yields its URL and stops it afterwards."""
+def running_comfyui(base: Path, extra_args: Sequence[str] = (), cpu: bool = True, comfyui: str | Path = "",
+                    log_name: str = "server.log") -> Iterator[str]:
+    """ComfyUI serving `base` (on CPU unless `cpu` is False); yields its URL and stops it afterwards.
+
+    extra_args: more command-line flags, e.g. ("--fp16-unet",) or ("--lowvram",); comfyui: the checkout
+    (COMFYUI_PATH by default)."""
     port = free_port()
-    log = open(base / "server.log", "w")
+    log = open(base / log_name, "w")
     proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--base-directory", str(base)],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", "127.0.0.1", "--port", str(port),
+         "--disable-auto-launch", "--base-directory", str(base), *extra_args],
+        cwd=str(comfyui or COMFYUI_PATH), stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
             if proc.poll() is not None:
-                pytest.fail("ComfyUI exited at start:\n" + (base / "server.log").read_text()[-3000:])
+                pytest.fail("ComfyUI exited at start:\n" + (base / log_name).read_text()[-3000:])
             try:
                 get(url + "/system_stats")
                 break

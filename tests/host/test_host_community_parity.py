@@ -40,7 +40,7 @@ from .test_host_patch import _eps
 # differ from the unpatched model by more than that).
 ATOL = 2e-5
 WEIGHT, SECOND = 0.8, 0.6
-# The types whose defaults differ between the community pack's two node families (issue 18): its Advanced /
+# The types whose defaults differ between the community pack's two node families: its Advanced /
 # Embeds nodes use boost = weight and weight_composition = 1.0; its dedicated nodes show style_boost 1.0,
 # composition_boost 0.0 and weight_composition 1.0.
 FAMILY_DEFAULTS_DIFFER = ("style and composition", "style transfer precise", "composition precise")
@@ -189,8 +189,8 @@ def test_advanced_and_embeds_nodes_equal_kit_apply_with_its_defaults(request, ki
                                                                       projection):
     """A workflow moved from the community pack's Advanced or Embeds node to IPAKitApply (same file, image, weight,
     weight type, embeds_scaling; nothing else set) predicts the same noise. SD1.5: every weight type x every
-    embeds_scaling (Embeds node), every weight type on one scaling each and the issue-18 types on all (Advanced
-    node); SDXL: every weight type on V only and linear on every scaling (Embeds node), linear and the issue-18
+    embeds_scaling (Embeds node), every weight type on one scaling each and the types whose defaults differ on all (Advanced
+    node); SDXL: every weight type on V only and linear on every scaling (Embeds node), linear and the types whose defaults differ
     types (Advanced node, which differs from the Embeds node only in how the CLIP outputs arrive)."""
     apply_mod = importlib.import_module(kit.__name__ + ".nodes.apply")
     plus, images = community

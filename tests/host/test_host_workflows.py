@@ -10,17 +10,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
-from .server import prepare_base, running_comfyui, write_dataset
+from .server import get, prepare_base, running_comfyui
 from .test_host_server import _error, _run, _write_models
 from .test_host_web import CHROMIUM, CHROMIUM_ARGS, _playwright
-
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-# official file name -> the random-weight stand-in written by _write_models
-STAND_INS = {
-    "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
-    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
-    "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
-}
+from .workflow_api import STAND_INS, WORKFLOWS, output_nodes, shrink, to_api_prompt
 
 LOAD_AND_CONVERT = """async (wf) => {
   const app = window.comfyAPI.app.app;
@@ -32,10 +25,10 @@ LOAD_AND_CONVERT = """async (wf) => {
 }"""
 
 
-PRE_18 = "generate_scaled saved before issue 18"
+PRE_18 = "generate_scaled saved with 11 IPAKitApply values"
 
 
-def _saved_before_issue_18() -> dict:
+def _saved_with_11_apply_values() -> dict:
     """ipadapter_generate_scaled as saved before IPAKitApply's weight_composition was appended: 11 widget values,
     the precise weight type and non-default boosts."""
     wf = json.loads((ROOT / "workflows" / "ipadapter_generate_scaled.json").read_text())
@@ -61,15 +54,15 @@ def browser_server(comfy, tmp_path_factory):
                     "() => window.comfyAPI?.app?.app?.graph && LiteGraph.registered_node_types['IPAKitApply']",
                     timeout=120_000)
                 converted = {path.stem: page.evaluate(LOAD_AND_CONVERT, json.loads(path.read_text())) for path in WORKFLOWS}
-                converted[PRE_18] = page.evaluate(LOAD_AND_CONVERT, _saved_before_issue_18())
+                converted[PRE_18] = page.evaluate(LOAD_AND_CONVERT, _saved_with_11_apply_values())
             finally:
                 browser.close()
-        yield url, base, converted, errors
+        yield url, base, converted, errors, get(url + "/object_info")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
-    _, _, converted, errors = browser_server
+    _, _, converted, errors, _ = browser_server
     wf = json.loads(path.read_text())
     result = converted[path.stem]
     assert result["missing"] == [], f"missing node types: {result['missing']}"
@@ -91,64 +84,45 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
     assert not errors, "\n".join(errors)
 
 
-def test_workflow_saved_before_issue_18_keeps_its_boosts(browser_server):
+def test_workflow_saved_with_11_apply_values_keeps_its_boosts(browser_server):
     """The frontend maps an older IPAKitApply's 11 values onto the same widgets: its boosts stay on style_boost /
     composition_boost (so they still are the boosts), the appended weight_composition gets its default."""
     result = browser_server[2][PRE_18]
     node = next(n for n in result["loaded"] if n["type"] == "IPAKitApply")
-    saved = next(n for n in _saved_before_issue_18()["nodes"] if n["type"] == "IPAKitApply")["widgets_values"]
+    saved = next(n for n in _saved_with_11_apply_values()["nodes"] if n["type"] == "IPAKitApply")["widgets_values"]
     assert node["widgets"] == saved + [1.0]
     inputs = result["output"][str(node["id"])]["inputs"]
     assert (inputs["weight_type"], inputs["style_boost"], inputs["composition_boost"], inputs["weight_composition"]) \
         == ("style transfer precise", 2.0, 0.5, 1.0)
 
 
-def _shrink(prompt: dict, base: Path) -> dict:
-    """The frontend's API prompt with the random models under the official names' places, a tiny offline CLIP for
-    evaluation, a 3-image dataset, 64x64 latents and 2 sampling/training steps, to keep it short on CPU."""
-    from ipa_train.toy.tiny import write_tiny_clip
-
-    clip_dir = base / "tiny_clip"
-    if not clip_dir.exists():
-        write_tiny_clip(clip_dir)
-    dataset = base / "input" / "wf_dataset"
-    if not dataset.exists():
-        write_dataset(dataset, 3, size=(72, 64))
-    for node in prompt.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        for key, value in list(inputs.items()):
-            if isinstance(value, str) and value in STAND_INS:
-                inputs[key] = STAND_INS[value]
-        if kind == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif kind == "KSampler":
-            inputs.update(steps=2)
-        elif kind in ("IPAKitEvaluate", "IPAKitWeightSweep") and inputs.get("clip_model"):
-            inputs["clip_model"] = str(clip_dir)
-        if kind == "IPAKitWeightSweep":
-            inputs.update(steps=2, weights="0, 1")
-        elif kind == "IPAKitDataset":
-            inputs["path"] = str(dataset)
-        elif kind == "IPAKitTrain":
-            inputs.update(steps=2, resolution=64, validate_every=0, save_every=0)
-    return prompt
-
-
 @pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS])
 def test_workflow_runs(browser_server, name):
     """Every workflow, as the API prompt the frontend made from it, runs with the stand-in models, and each of its
     output nodes produced something."""
-    url, base, converted, _ = browser_server
-    prompt = _shrink(converted[name]["output"], Path(base))
+    url, base, converted, _, _ = browser_server
+    prompt = shrink(converted[name]["output"], Path(base))
     wf_files = [v for n in prompt.values() for v in n["inputs"].values() if isinstance(v, str) and v in STAND_INS.values()]
     assert wf_files, "the workflow names none of the official model files"
     entry = _run(url, prompt)
     assert entry["status"]["status_str"] == "success", _error(entry)
-    outputs = [k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage", "PreviewAny")]
+    outputs = output_nodes(prompt)
     assert outputs and all(entry["outputs"].get(k) for k in outputs), sorted(entry["outputs"])
     for k in outputs:
         for image in entry["outputs"][k].get("images", []):
             assert (Path(base) / image["type"] / image["subfolder"] / image["filename"]).is_file()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_python_conversion_matches_the_frontend(browser_server, path):
+    """workflow_api.to_api_prompt (used where no browser is installed) gives the frontend's API prompt."""
+    _, _, converted, _, object_info = browser_server
+    # the frontend adds a _meta title to each node
+    frontend = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in converted[path.stem]["output"].items()}
+    ours = to_api_prompt(json.loads(path.read_text()), object_info)
+    differ = {k: {"ours": ours.get(k), "frontend": frontend.get(k)} for k in set(ours) | set(frontend)
+              if ours.get(k) != frontend.get(k)}
+    assert not differ, json.dumps(differ)[:3000]  # a short message: pytest's own diff of two prompts is slow
 
 
 def test_template_browser_lists_every_workflow_with_its_thumbnail(browser_server):
