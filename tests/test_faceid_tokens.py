@@ -93,3 +93,31 @@ def test_lora_names_equal_diffusers_processor_names(kind):
     assert set(ours) == set(theirs)
     for k, t in ours.items():
         assert t is theirs[k]
+
+
+def test_embeds_and_adapter_must_both_be_faceid_or_neither():
+    from ipa_train.hosts.comfy_patch import ImageEmbeds
+    from ipa_train.hosts.face_embeds import check_embeds_fit
+    from tests.factories import OFFICIAL, official_config
+
+    face = _adapter("faceid")
+    plain = random_adapter(official_config(OFFICIAL[0]))
+    face_embeds = encode_face_embeds(face, _faces(1))
+    plain_embeds = ImageEmbeds(torch.zeros(1, 4, 768), torch.zeros(1, 4, 768), "plain")
+    check_embeds_fit(face, face_embeds)
+    check_embeds_fit(plain, plain_embeds)
+    with pytest.raises(IPAKitError, match=r"these are FaceID embeds \(faceid\) but the adapter is plain"):
+        check_embeds_fit(plain, face_embeds)
+    with pytest.raises(IPAKitError, match=r"this faceid adapter needs FaceID embeds from Encode Face"):
+        check_embeds_fit(face, plain_embeds)
+
+
+def test_plus_options_on_a_portrait_adapter_are_named():
+    from ipa_train.hosts.face_embeds import check_face_options
+
+    portrait = _adapter("faceid-portrait", tokens=16).config
+    with pytest.raises(IPAKitError, match=r"image_negative: this faceid-portrait adapter reads no CLIP image"):
+        check_face_options(portrait, True, 1.0)
+    with pytest.raises(IPAKitError, match=r"faceid_v2_weight is 2, but this faceid-portrait adapter has no plus v2"):
+        check_face_options(portrait, False, 2.0)
+    check_face_options(_adapter("faceid-plusv2").config, True, 2.0)

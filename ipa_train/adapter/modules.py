@@ -207,6 +207,10 @@ class IPAdapter(nn.Module):
     def check_clip_input(self, embeds: torch.Tensor, source: str = "CLIP vision output") -> None:
         """Raise EncoderMismatchError naming the needed encoder when `embeds` cannot come from it."""
         c = self.config
+        if c.is_faceid:
+            raise EncoderMismatchError(
+                f"this {c.variant} adapter reads face embeddings, not a CLIP vision output; encode the reference with "
+                "the FaceID encode node (Encode Face (Kit)) instead")
         want = c.clip_embedding_dim
         got = int(embeds.shape[-1])
         penultimate = c.clip_output == "penultimate"
@@ -235,10 +239,6 @@ class IPAdapter(nn.Module):
                 [B, N, L, D] (plus, full). N reference images are projected separately and their tokens
                 concatenated, as diffusers does.
         """
-        if self.config.is_faceid:
-            raise EncoderMismatchError(
-                f"this {self.config.variant} adapter reads face embeddings, not a CLIP vision output; encode the "
-                "reference with the FaceID encode node (Encode Face (Kit)) instead")
         self.check_clip_input(embeds)
         per_image_rank = 1 if self.config.projection == "plain" else 2
         lead = embeds.shape[: embeds.dim() - per_image_rank]

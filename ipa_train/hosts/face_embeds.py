@@ -66,3 +66,26 @@ def encode_face_embeds(adapter: IPAdapter, faces: torch.Tensor, clip: torch.Tens
     cond, uncond = cond.reshape(1, -1, cond.shape[-1]), uncond.reshape(1, -1, uncond.shape[-1])
     tw = token_weights(w, cond.shape[1] // groups) if method == "concat" else None
     return ImageEmbeds(cond, uncond, adapter.config.variant, n, groups, tw)
+
+
+def check_embeds_fit(adapter: IPAdapter, embeds: ImageEmbeds) -> None:
+    """FaceID embeds go with FaceID adapters only, and the other way round (their token widths may even agree)."""
+    face_embeds = str(embeds.variant).startswith("faceid")
+    if face_embeds == adapter.config.is_faceid:
+        return
+    if face_embeds:
+        raise IPAKitError(f"these are FaceID embeds ({embeds.variant}) but the adapter is {adapter.config.variant}: "
+                          "connect the FaceID adapter that encoded them")
+    raise IPAKitError(f"this {adapter.config.variant} adapter needs FaceID embeds from Encode Face (Kit), but these "
+                      f"come from a {embeds.variant} adapter's image encoder")
+
+
+def check_face_options(config, has_negative: bool, shortcut_scale: float) -> None:
+    """Options of the plus variants given to an adapter that has no use for them: one line naming the input."""
+    plus = config.projection in ("faceid-plus", "faceid-plusv2")
+    if has_negative and not plus:
+        raise IPAKitError(f"image_negative: this {config.variant} adapter reads no CLIP image, so a negative image "
+                          "does nothing; disconnect it (it is for FaceID-Plus / Plus v2)")
+    if shortcut_scale != 1.0 and config.projection != "faceid-plusv2":
+        raise IPAKitError(f"faceid_v2_weight is {shortcut_scale:g}, but this {config.variant} adapter has no plus v2 "
+                          "shortcut; set it back to 1.0 (it is for FaceID-Plus v2)")
