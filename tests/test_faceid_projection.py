@@ -81,3 +81,40 @@ def test_unnorm_is_the_plus_resampler_over_the_raw_embedding():
         theirs = ref((face * 20).unsqueeze(1))
     assert ours.shape == (3, 16, CROSS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def _community_projection_module():
+    """The community pack's image_proj_models.py (GPL-3.0), run as an oracle from IPADAPTER_PLUS_PATH, never copied."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ.get("IPADAPTER_PLUS_PATH", "")) / "image_proj_models.py"
+    if not path.is_file():
+        pytest.skip("IPADAPTER_PLUS_PATH does not name a ComfyUI_IPAdapter_plus checkout")
+    pytest.importorskip("einops")
+    spec = importlib.util.spec_from_file_location("cubiq_image_proj_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("projection,scale", [("faceid", 1.0), ("faceid-plus", 1.0), ("faceid-plusv2", 2.0)])
+def test_projection_equals_community_pack(projection, scale):
+    cubiq = _community_projection_module()
+    adapter = random_adapter(_config(projection), seed=5)
+    sd = {k[len("image_proj."):]: v for k, v in adapter.state_dict().items() if k.startswith("image_proj.")}
+    face, clip = _inputs()
+    if projection == "faceid":
+        ref = cubiq.MLPProjModelFaceId(cross_attention_dim=CROSS, id_embeddings_dim=512, num_tokens=4)
+        ref.load_state_dict(sd)
+        with torch.no_grad():
+            theirs = ref.eval()(face.unsqueeze(1))  # the community pack feeds [N, 1, 512]
+            ours = adapter.project_face(face)
+    else:
+        ref = cubiq.ProjModelFaceIdPlus(cross_attention_dim=CROSS, id_embeddings_dim=512, clip_embeddings_dim=1280, num_tokens=4)
+        ref.load_state_dict(sd)
+        with torch.no_grad():
+            theirs = ref.eval()(face, clip, scale=scale, shortcut=projection == "faceid-plusv2")
+            ours = adapter.project_face(face, clip, shortcut_scale=scale)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
