@@ -26,6 +26,8 @@ _LABELS = (
     ("cross_attention_dim", "cross-attention width"),
     ("cross_attention_layers", "cross-attention layers"),
     ("parameters", "parameters"),
+    ("face_embedding_dim", "face embedding width"),
+    ("lora_rank", "LoRA rank"),
     ("fusion", "fusion weights"),
     ("source", "file kind"),
 )
@@ -38,13 +40,15 @@ def _out(text: str) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .adapter.formats import inspect_file
 
-    info = inspect_file(args.file)
+    info = inspect_file(args.file, None if args.variant == "auto" else args.variant)
     if args.json:
         _out(json.dumps(info, sort_keys=True))
     else:
         _out(info["file"])
         for key, label in _LABELS:
             value = info[key]
+            if key in ("face_embedding_dim", "lora_rank") and value is None:
+                continue
             if key == "parameters":
                 value = f"{value:,}"
             elif key == "fusion":
@@ -285,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="describe an IP-Adapter weight file")
     s.add_argument("file", help=".safetensors, .bin/.pt file, or training checkpoint folder")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--variant", default="auto", choices=("auto", "faceid-plus", "faceid-plusv2", "faceid-portrait-unnorm"),
+                   help="what a FaceID file's keys cannot say (plusv2's shortcut, portrait unnorm); default: the file name")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("convert", help="convert a training checkpoint into the official flat safetensors layout")

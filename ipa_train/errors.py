@@ -29,3 +29,7 @@ class TrainConfigError(IPAKitError):
 
 class EvaluationError(IPAKitError):
     """An evaluation input (CLIP model, image, sweep setting, report file) is missing or unusable."""
+
+
+class FaceError(IPAKitError):
+    """The face pipeline cannot run (onnxruntime or face models missing) or found no usable face."""

@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import IPAKitApply, IPAKitApplySimple, IPAKitEncodeImage
 from .embeds import IPAKitLoadEmbeds, IPAKitSaveEmbeds
 from .evaluate import IPAKitEvaluate, IPAKitWeightSweep
+from .faceid import IPAKitEncodeFace, IPAKitLoadFaceModels
 from .frames import IPAKitEncodeFrames, IPAKitWeightSchedule
 from .loaders import IPAKitLoadAdapter
 from .presets import IPAKitPresetLoader
@@ -37,6 +38,8 @@ NODES: list[type[io.ComfyNode]] = [
     IPAKitLoadEmbeds,
     IPAKitRegion,
     IPAKitApplyTiled,
+    IPAKitLoadFaceModels,
+    IPAKitEncodeFace,
 ]
 
 

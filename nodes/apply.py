@@ -227,6 +227,9 @@ class IPAKitApply(io.ComfyNode):
                                    default="0.0 = only the composition layers act")),
                 io.Float.Input("weight_composition", default=DEFAULT_WEIGHT_COMPOSITION, min=-1.0, max=5.0, step=0.05,
                                optional=True, tooltip=_COMPOSITION_TIP),  # appended: saved workflows keep their values
+                io.Float.Input("faceid_lora_strength", default=1.0, min=-2.0, max=2.0, step=0.05, optional=True,
+                               tooltip="FaceID adapters with a LoRA inside: its strength on the model (1.0 as diffusers; "
+                                       "the community pack's unified loader uses 0.6). No separate LoRA file needed."),
             ],
             outputs=[model_output("The model with the IP-Adapter applied; chain several apply nodes to combine adapters.")],
         )
@@ -235,10 +238,16 @@ class IPAKitApply(io.ComfyNode):
     def execute(cls, model, adapter, embeds, mode="scaled", weight=1.0, fusion_lambda=0.8, start_at=0.0, end_at=1.0,
                 layers="all", layer_weights="", attn_mask=None, frame_weights=None, weight_type="linear",
                 embeds_scaling="V only", style_boost=BOOST_SAME_AS_WEIGHT, composition_boost=BOOST_SAME_AS_WEIGHT,
-                weight_composition=DEFAULT_WEIGHT_COMPOSITION) -> io.NodeOutput:
-        return io.NodeOutput(apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers,
-                                   layer_weights, attn_mask, frame_weights, weight_type, embeds_scaling,
-                                   second_weight(weight_type, weight_composition, style_boost, composition_boost)))
+                weight_composition=DEFAULT_WEIGHT_COMPOSITION, faceid_lora_strength=1.0) -> io.NodeOutput:
+        from ipa_train.hosts.face_embeds import check_embeds_fit
+
+        from .faceid import apply_face_lora
+
+        check_embeds_fit(adapter, embeds)
+        m = apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers, layer_weights,
+                  attn_mask, frame_weights, weight_type, embeds_scaling,
+                  second_weight(weight_type, weight_composition, style_boost, composition_boost))
+        return io.NodeOutput(apply_face_lora(m, adapter, faceid_lora_strength))
 
 
 class IPAKitApplySimple(io.ComfyNode):

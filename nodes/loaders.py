@@ -9,6 +9,11 @@ from .common import CATEGORY, Adapter, adapter_files, logger
 
 def describe(info: dict) -> str:
     fusion = "trained fusion weights" if info["fusion"] else "no fusion weights (fused mode uses the parameter-free fusion)"
+    if str(info["projection"]).startswith("faceid"):
+        clip = "no CLIP vision" if info["encoder"] == "none" else f"CLIP vision {info['encoder']} for the face crop"
+        lora = f"LoRA rank {info['lora_rank']} inside" if info.get("lora_rank") else "no LoRA"
+        return (f"{info['variant']} adapter for {info['family']} · {info['num_tokens']} tokens per face · face models "
+                f"(Load Face Models) · {clip} · {lora} · {info['cross_attention_layers']} layers")
     return (
         f"{info['variant']} adapter for {info['family']} · {info['num_tokens']} tokens · "
         f"needs CLIP vision {info['encoder']} ({info['clip_output']}) · {info['cross_attention_layers']} layers · {fusion}"
@@ -29,7 +34,7 @@ def load(adapter_file: str):
         "file": adapter_file, "variant": config.variant, "family": config.family, "projection": config.projection,
         "num_tokens": config.num_tokens, "encoder": config.encoder, "clip_output": config.clip_output,
         "cross_attention_layers": config.cross_attention_layers, "fusion": config.fusion,
-        "parameters": adapter.num_parameters(),
+        "parameters": adapter.num_parameters(), "lora_rank": config.lora_rank or None,
     }
     return adapter, info
 

@@ -89,3 +89,21 @@ def test_preset_missing_files_name_file_folder_and_source():
     assert presets.family_of_context_dim(2048) == "sdxl"
     with pytest.raises(IPAKitError, match="1024"):
         presets.family_of_context_dim(1024)
+
+
+def test_faceid_presets_find_files_and_list_each_missing_one():
+    from ipa_train.adapter.presets import find_faceid_preset
+
+    adapters = ["sub/ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid_sdxl.safetensors"]
+    clips = ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"]
+    assert find_faceid_preset("faceid plus v2", "sd15", adapters, clips, ["buffalo_l"]) == (
+        "sub/ip-adapter-faceid-plusv2_sd15.bin", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "buffalo_l")
+    assert find_faceid_preset("faceid", "sdxl", adapters, [], ["buffalo_l"])[1] is None
+    with pytest.raises(IPAKitError) as e:
+        find_faceid_preset("faceid plus", "sd15", [], [], [])
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 3
+    assert "ip-adapter-faceid-plus_sd15.bin -> ComfyUI/models/ipadapter" in lines[0]
+    assert "models/clip_vision" in lines[1] and "models/insightface/models/buffalo_l" in lines[2]
+    with pytest.raises(IPAKitError, match="no official 'faceid plus' adapter for sdxl"):
+        find_faceid_preset("faceid plus", "sdxl", adapters, clips, ["buffalo_l"])

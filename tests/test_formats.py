@@ -212,17 +212,6 @@ def test_lora_file_refused(tmp_path):
         inspect_file(tmp_path / "style_lora.safetensors")
 
 
-def test_faceid_refused(tmp_path):
-    groups = {
-        "image_proj": {"proj.0.weight": torch.zeros(8, 4), "proj.0.bias": torch.zeros(8), "proj.2.weight": torch.zeros(16, 8),
-                       "proj.2.bias": torch.zeros(16), "norm.weight": torch.zeros(4), "norm.bias": torch.zeros(4)},
-        "ip_adapter": {"0.to_q_lora.down.weight": torch.zeros(2, 4), "1.to_k_ip.weight": torch.zeros(4, 4)},
-    }
-    torch.save(groups, tmp_path / "ip-adapter-faceid_sd15.bin")
-    with pytest.raises(AdapterFormatError, match=r"faceid_sd15\.bin.*FaceID.*does not support"):
-        load_adapter(tmp_path / "ip-adapter-faceid_sd15.bin")
-
-
 def test_empty_ip_adapter_group_explains_deduplication(tmp_path):
     save_file({"image_proj.proj.weight": torch.zeros(8, 4), "image_proj.norm.weight": torch.zeros(2)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(AdapterFormatError, match=r"c\.safetensors.*no 'ip_adapter'.*de-duplication"):

@@ -259,11 +259,12 @@ def test_saved_apply_nodes_keep_their_meaning(specs):
     nodes = [n for path in WORKFLOWS for n in _load(path)["nodes"] if n["type"] == "IPAKitApply"]
     assert len(nodes) == 6
     names = [n for n, d in {**spec["input"]["required"], **spec["input"].get("optional", {})}.items() if _is_widget(d)]
-    assert names[-3:] == ["style_boost", "composition_boost", "weight_composition"]  # the boosts keep their slots
+    # the boosts keep their slots; weight_composition and faceid_lora_strength come after them
+    assert names[-4:] == ["style_boost", "composition_boost", "weight_composition", "faceid_lora_strength"]
     for node in nodes:
         saved = widget_values(node, spec)
-        before = widget_values(dict(node, widgets_values=node["widgets_values"][:-1]), spec)
-        assert len(node["widgets_values"]) == len(names) and before == saved  # the appended value is the default
+        before = widget_values(dict(node, widgets_values=node["widgets_values"][:-2]), spec)
+        assert len(node["widgets_values"]) == len(names) and before == saved  # the appended values are the defaults
         assert (saved["style_boost"], saved["composition_boost"], saved["weight_composition"]) == (1.0, 0.0, 1.0)
         # the node's rule before the issue: the precise types read their boost, the other types only the weight
         old_second = {"style transfer precise": saved["style_boost"], "composition precise": saved["composition_boost"]}

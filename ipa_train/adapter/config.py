@@ -10,8 +10,14 @@ from typing import Any, Literal
 from ..errors import AdapterFormatError
 
 Family = Literal["sd15", "sdxl", "unknown"]
-Projection = Literal["plain", "plus", "full"]
-ClipOutput = Literal["image_embeds", "penultimate"]
+Projection = Literal["plain", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2", "faceid-portrait",
+                     "faceid-portrait-unnorm"]
+ClipOutput = Literal["image_embeds", "penultimate", "none"]
+PROJECTIONS = ("plain", "plus", "full", "faceid", "faceid-plus", "faceid-plusv2", "faceid-portrait",
+               "faceid-portrait-unnorm")
+# Projections fed by a face embedding (InsightFace ArcFace, 512 wide); the plus ones also read CLIP hidden states.
+FACE_PROJECTIONS = PROJECTIONS[3:]
+RESAMPLER_PROJECTIONS = ("plus", "faceid-portrait-unnorm")
 
 CONFIG_METADATA_KEY = "ipa_kit.config"
 FORMAT_METADATA_KEY = "ipa_kit.format"
@@ -36,7 +42,9 @@ ENCODERS: tuple[EncoderSpec, ...] = (
 
 
 def encoder_for(clip_output: str, dim: int) -> str:
-    """Name of the encoder whose `clip_output` has width `dim`, or "unknown"."""
+    """Name of the encoder whose `clip_output` has width `dim`, "none" when no CLIP output is used, or "unknown"."""
+    if clip_output == "none":
+        return "none"
     for enc in ENCODERS:
         width = enc.projection_dim if clip_output == "image_embeds" else enc.hidden_size
         if width == dim:
@@ -103,16 +111,24 @@ class AdapterConfig:
     resampler: ResamplerConfig | None = None
     family: str = field(default="")
     encoder: str = field(default="")
+    # FaceID: width of the face embedding (0 for CLIP-only adapters) and rank of the LoRA the file carries (0: none).
+    face_embedding_dim: int = 0
+    lora_rank: int = 0
+    face_hidden_dim: int = 0  # width of the face MLP's hidden layer; 0: twice the face width, as every official file
 
     def __post_init__(self) -> None:
-        if self.projection not in ("plain", "plus", "full"):
-            raise AdapterFormatError(f"projection must be 'plain', 'plus' or 'full', got {self.projection!r}")
-        if self.clip_output not in ("image_embeds", "penultimate"):
+        if self.projection not in PROJECTIONS:
+            raise AdapterFormatError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
+        if self.clip_output not in ("image_embeds", "penultimate", "none"):
             raise AdapterFormatError(
-                f"clip_output must be 'image_embeds' or 'penultimate', got {self.clip_output!r}"
+                f"clip_output must be 'image_embeds', 'penultimate' or 'none', got {self.clip_output!r}"
             )
-        if self.projection == "plus" and self.resampler is None:
+        if self.projection in RESAMPLER_PROJECTIONS and self.resampler is None:
             object.__setattr__(self, "resampler", ResamplerConfig(dim=self.cross_attention_dim))
+        if self.projection in ("faceid-plus", "faceid-plusv2") and self.resampler is None:
+            # tencent's FacePerceiverResampler: width = cross-attention width, 64-wide heads
+            heads = max(1, self.cross_attention_dim // 64)
+            object.__setattr__(self, "resampler", ResamplerConfig(dim=self.cross_attention_dim, heads=heads))
         object.__setattr__(self, "layer_hidden_sizes", tuple(int(h) for h in self.layer_hidden_sizes))
         if not self.family:
             object.__setattr__(self, "family", family_for(self.cross_attention_dim, len(self.layer_hidden_sizes)))
@@ -120,6 +136,10 @@ class AdapterConfig:
             object.__setattr__(self, "encoder", encoder_for(self.clip_output, self.clip_embedding_dim))
         if not self.variant:
             object.__setattr__(self, "variant", self.projection)
+
+    @property
+    def is_faceid(self) -> bool:
+        return self.projection in FACE_PROJECTIONS
 
     @property
     def cross_attention_layers(self) -> int:

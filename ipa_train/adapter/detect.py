@@ -6,13 +6,15 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import AdapterFormatError
 from .config import CONFIG_METADATA_KEY, AdapterConfig, ResamplerConfig
+from .faceid import FACE_MEASURE, face_fields
+from .faceid_lora import check_lora, is_lora_key
 from .files import _fail, clean, read_tensors
 from .modules import IPAdapter, layer_key
 
@@ -28,6 +30,7 @@ class AdapterState:
     metadata: dict[str, str]
     source: str  # "official" | "kit" | "training-checkpoint" | "training-checkpoint-deduplicated"
     path: str
+    lora: dict[str, torch.Tensor] = field(default_factory=dict)  # FaceID: `{i}.to_X_lora.*` from 'ip_adapter'
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -124,9 +127,11 @@ def split_groups(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
             "`python -m ipa_train convert`) at the checkpoint's model.safetensors that still holds the "
             "'unet.*.attn2.processor.to_k_ip' weights, or save the checkpoint with safe_serialization=False",
         )
-    for group, tensors_of_group in groups.items():
+    lora = {k: t for k, t in groups["ip_adapter"].items() if is_lora_key(k)}
+    groups["ip_adapter"] = {k: t for k, t in groups["ip_adapter"].items() if not is_lora_key(k)}
+    for group, tensors_of_group in (*groups.items(), ("ip_adapter", lora)):
         _check_tensors(path, group, tensors_of_group)
-    return AdapterState(groups["image_proj"], groups["ip_adapter"], groups["fusion"], metadata, source, path)
+    return AdapterState(groups["image_proj"], groups["ip_adapter"], groups["fusion"], metadata, source, path, lora)
 
 
 def _check_tensors(path: str, group: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -165,17 +170,26 @@ class Variant:
     ip_requires_any: tuple[str, ...] = ()  # substrings, one of which some ip_adapter key must contain
     refuse: str = ""  # non-empty: recognised but unsupported, with this explanation
     description: str = ""
+    # What the keys cannot say: a substring the file name must contain (the default; `variant=` overrides it).
+    name_has: str = ""
+    lora: bool | None = None  # True: the file must carry a LoRA, False: must not, None: either
 
 
-_FACEID_REFUSAL = (
-    "this is a FaceID adapter (InsightFace face embeddings plus LoRA weights); this kit does not support FaceID. "
-    "Use it with cubiq's IPAdapterFaceID nodes, or pick a non-FaceID adapter (plain, plus, plus-face, full-face)"
-)
+_FACE_MLP = ("proj.0.weight", "proj.2.weight", "norm.weight")
+_FACE_PLUS = ("proj.0.weight", "proj.2.weight", "norm.weight", "perceiver_resampler.proj_in.weight")
+_RESAMPLER = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight")
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("faceid-lora", "", "", (), ip_requires_any=("_lora.",), refuse=_FACEID_REFUSAL),
-    Variant("faceid-plus", "", "", ("perceiver_resampler.proj_in.weight",), refuse=_FACEID_REFUSAL),
-    Variant("faceid-portrait", "", "", ("proj.0.weight", "proj.2.weight", "norm.weight"), forbids=("proj.3.weight",), refuse=_FACEID_REFUSAL),
+    Variant("faceid-plusv2", "faceid-plusv2", "penultimate", _FACE_PLUS, name_has="plusv2",
+            description="FaceID-Plus v2: face ID tokens + s x perceiver over the face crop's CLIP states"),
+    Variant("faceid-plus", "faceid-plus", "penultimate", _FACE_PLUS,
+            description="FaceID-Plus: perceiver over the face crop's CLIP states, queried by the face ID tokens"),
+    Variant("faceid", "faceid", "none", _FACE_MLP, forbids=("proj.3.weight",), lora=True,
+            description="FaceID: MLP projection of the face embedding (4 tokens) and a LoRA on every attention layer"),
+    Variant("faceid-portrait", "faceid-portrait", "none", _FACE_MLP, forbids=("proj.3.weight",), lora=False,
+            description="FaceID portrait: 16 tokens per face, no LoRA"),
+    Variant("faceid-portrait-unnorm", "faceid-portrait-unnorm", "none", _RESAMPLER, name_has="unnorm",
+            description="FaceID portrait (unnormalised): resampler over the raw face embedding"),
     Variant("full", "full", "penultimate", ("proj.0.weight", "proj.2.weight", "proj.3.weight"),
             description="MLP projection, one token per CLIP token (full-face)"),
     Variant("plus", "plus", "penultimate", ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"),
@@ -185,15 +199,28 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
-def detect_variant(state: AdapterState) -> Variant:
+def _keys_match(v: Variant, state: AdapterState) -> bool:
+    if any(k not in state.image_proj for k in v.requires) or any(k in state.image_proj for k in v.forbids):
+        return False
+    if v.ip_requires_any and not any(s in k for k in state.ip_adapter for s in v.ip_requires_any):
+        return False
+    if v.lora is not None and bool(state.lora) != v.lora:
+        return False
+    return bool(v.requires or v.ip_requires_any)
+
+
+def detect_variant(state: AdapterState, variant: str | None = None) -> Variant:
+    """The first row whose keys (and file-name fact) match; `variant` names a row to use instead of the file name."""
+    if variant:
+        row = next((v for v in VARIANTS if v.name == variant), None)
+        fits = [v.name for v in VARIANTS if _keys_match(v, state) and not v.refuse]
+        if row is None or not _keys_match(row, state):
+            raise _fail(state.path, f"cannot be read as a {variant} adapter: its keys fit {', '.join(fits) or 'no variant'}; "
+                                    "choose one of these (or 'auto')")
+        return row
+    name = os.path.basename(state.path).lower()
     for v in VARIANTS:
-        if any(k not in state.image_proj for k in v.requires):
-            continue
-        if any(k in state.image_proj for k in v.forbids):
-            continue
-        if v.ip_requires_any and not any(s in k for k in state.ip_adapter for s in v.ip_requires_any):
-            continue
-        if not v.requires and not v.ip_requires_any:
+        if not _keys_match(v, state) or (v.name_has and v.name_has not in name):
             continue
         if v.refuse:
             raise _fail(state.path, v.refuse)
@@ -239,6 +266,7 @@ _MEASURE: dict[str, Callable[[AdapterState], tuple[int, int, int]]] = {
         _shape(s, "image_proj", "proj_out.weight")[0],
         _shape(s, "image_proj", "latents")[1],
     ),
+    **{name: (lambda s, f=f: f(s.image_proj)) for name, f in FACE_MEASURE.items()},
 }
 
 
@@ -309,20 +337,29 @@ def config_from_metadata(state: AdapterState) -> AdapterConfig:
         raise bad(clean(str(e), 80)) from None
 
 
-def detect_config(state: AdapterState) -> AdapterConfig:
-    """The adapter's config: from the kit's metadata when present, else measured from the tensors."""
-    if CONFIG_METADATA_KEY in state.metadata:
+def detect_config(state: AdapterState, variant_name: str | None = None) -> AdapterConfig:
+    """The adapter's config: from the kit's metadata when present, else measured from the tensors.
+
+    `variant_name` overrides what the file name says (FaceID plus vs plusv2, portrait unnorm).
+    """
+    if CONFIG_METADATA_KEY in state.metadata and not variant_name:
         return config_from_metadata(state).replace(fusion=bool(state.fusion))
-    variant = detect_variant(state)
+    variant = detect_variant(state, variant_name)
+    extra: dict[str, Any] = {}
     try:
         clip_dim, cross_dim, tokens = _MEASURE[variant.projection](state)
-        resampler = _resampler_config(state) if variant.projection == "plus" else None
+        resampler = _resampler_config(state) if variant.projection in ("plus", "faceid-portrait-unnorm") else None
         hidden = _layer_hidden_sizes(state, cross_dim)
+        if variant.projection.startswith("faceid"):
+            extra = face_fields(variant.projection, state.image_proj)
+            extra["lora_rank"] = check_lora(state.path, state.lora, len(hidden))
+            resampler = extra.pop("resampler", resampler)
     except AdapterFormatError:
         raise
-    except (IndexError, ValueError, ZeroDivisionError) as e:
+    except (IndexError, KeyError, ValueError, ZeroDivisionError) as e:
+        expected = _EXPECTED_SHAPES.get(variant.projection, "the official FaceID layout")
         raise _fail(state.path, f"the {variant.name} projection's tensors have unexpected shapes ({clean(str(e), 80)}); "
-                                f"expected {_EXPECTED_SHAPES[variant.projection]}: the file is damaged") from None
+                                f"expected {expected}: the file is damaged") from None
     if not all(_positive_int(x) for x in (clip_dim, cross_dim, tokens)):
         raise _fail(state.path, f"the {variant.name} projection measures {tokens} tokens of width {cross_dim} from "
                                 f"CLIP width {clip_dim}; expected positive sizes: the file is damaged")
@@ -332,10 +369,11 @@ def detect_config(state: AdapterState) -> AdapterConfig:
         clip_embedding_dim=clip_dim,
         cross_attention_dim=cross_dim,
         layer_hidden_sizes=hidden,
-        clip_output=variant.clip_output,  # type: ignore[arg-type]
+        clip_output=extra.pop("clip_output", variant.clip_output),  # type: ignore[arg-type]
         fusion=bool(state.fusion),
         variant=variant.name,
         resampler=resampler,
+        **extra,
     )
 
 
@@ -374,5 +412,6 @@ def build_adapter(state: AdapterState, config: AdapterConfig | None = None) -> I
             parts.append(f"{len(wrong)} keys with the wrong shape ({k}: {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)})")
         raise _fail(state.path, f"does not match a {config.variant} adapter: " + "; ".join(parts) + ". The file is incomplete or damaged.")
     adapter.load_state_dict(sd, strict=True, assign=True)
+    adapter.lora = dict(state.lora)
     return adapter
 

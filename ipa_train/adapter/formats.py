@@ -42,23 +42,26 @@ __all__ = [
 ]
 
 
-def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> IPAdapter:
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, variant: str | None = None) -> IPAdapter:
     """Load any supported IP-Adapter file (or training checkpoint) into an `IPAdapter`.
 
     Args:
         path: `.safetensors`, `.bin`/`.pt`/`.pth`/`.ckpt`, or an accelerate checkpoint folder.
-        dtype: dtype of the returned module's parameters.
+        dtype: dtype of the returned module's parameters (and of a FaceID file's LoRA).
+        variant: a variant name overriding what the file name says (FaceID: faceid-plus / faceid-plusv2,
+            faceid-portrait-unnorm); None or "auto" detects it.
     """
     state = read_adapter_state(path)
-    adapter = build_adapter(state)
+    adapter = build_adapter(state, detect_config(state, None if variant in (None, "auto") else variant))
+    adapter.lora = {k: t.to(dtype) for k, t in adapter.lora.items()}
     logger.info("loaded %s adapter from %s (%s)", adapter.config.variant, state.path, state.source)
     return adapter.to(dtype).eval()
 
 
-def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
+def inspect_file(path: str | os.PathLike, variant: str | None = None) -> dict[str, Any]:
     """Summary used by `python -m ipa_train inspect` and the loader node."""
     state = read_adapter_state(path)
-    cfg = detect_config(state)
+    cfg = detect_config(state, variant)
     adapter = build_adapter(state, cfg)
     bad = warn_non_finite(state)
     return {
@@ -72,7 +75,9 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
         "encoder": cfg.encoder,
         "cross_attention_dim": cfg.cross_attention_dim,
         "cross_attention_layers": cfg.cross_attention_layers,
-        "parameters": adapter.num_parameters(),
+        "parameters": adapter.num_parameters() + sum(t.numel() for t in state.lora.values()),
+        "face_embedding_dim": cfg.face_embedding_dim or None,
+        "lora_rank": cfg.lora_rank or None,
         "fusion": cfg.fusion,
         "source": state.source,
         "non_finite_tensors": bad,
@@ -103,6 +108,7 @@ def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: di
     if path.suffix.lower() != ".safetensors":
         raise AdapterFormatError(f"{path}: adapters are written as .safetensors only; change the extension")
     sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
+    sd.update({f"ip_adapter.{k}": v.detach().to("cpu").contiguous() for k, v in adapter.lora.items()})
     metadata = {CONFIG_METADATA_KEY: adapter.config.to_json(), FORMAT_METADATA_KEY: FORMAT_VERSION}
     if extra_metadata:
         metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})

@@ -181,8 +181,12 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if c.projection == "plain":
-            self.image_proj: nn.Module = PlainProjection(c.clip_embedding_dim, c.cross_attention_dim, c.num_tokens)
+        if c.is_faceid:
+            from .faceid import build_face_projection
+
+            self.image_proj: nn.Module = build_face_projection(c)
+        elif c.projection == "plain":
+            self.image_proj = PlainProjection(c.clip_embedding_dim, c.cross_attention_dim, c.num_tokens)
         elif c.projection == "full":
             self.image_proj = FullProjection(c.clip_embedding_dim, c.cross_attention_dim)
         else:
@@ -193,6 +197,8 @@ class IPAdapter(nn.Module):
         )
         self.fusion = TextImageFusion(c.cross_attention_dim) if c.fusion else None
         self._free_fusion = TextImageFusion(c.cross_attention_dim, trainable=False)
+        # FaceID: the file's LoRA (`{i}.to_X_lora.{down,up}.weight`), applied to the UNet by the host, not here.
+        self.lora: dict[str, torch.Tensor] = {}
 
     @property
     def layers(self) -> list[IPLayer]:
@@ -201,6 +207,10 @@ class IPAdapter(nn.Module):
     def check_clip_input(self, embeds: torch.Tensor, source: str = "CLIP vision output") -> None:
         """Raise EncoderMismatchError naming the needed encoder when `embeds` cannot come from it."""
         c = self.config
+        if c.is_faceid:
+            raise EncoderMismatchError(
+                f"this {c.variant} adapter reads face embeddings, not a CLIP vision output; encode the reference with "
+                "the FaceID encode node (Encode Face (Kit)) instead")
         want = c.clip_embedding_dim
         got = int(embeds.shape[-1])
         penultimate = c.clip_output == "penultimate"
@@ -236,6 +246,16 @@ class IPAdapter(nn.Module):
         flat = embeds.reshape(-1, *embeds.shape[embeds.dim() - per_image_rank :])  # [B*N, ...]
         tokens = self.image_proj(flat)  # [B*N, T, C]
         return tokens.reshape(b, -1, tokens.shape[-1])  # [B, N*T, C]
+
+    def project_face(self, face: torch.Tensor, clip: torch.Tensor | None = None, shortcut_scale: float = 1.0) -> torch.Tensor:
+        """FaceID: face embeddings [N, 512] (+ the crops' CLIP hidden states [N, L, D] for plus) -> tokens [N, T, C]."""
+        from .faceid import project_face
+
+        if not self.config.is_faceid:
+            raise EncoderMismatchError(
+                f"this {self.config.variant} adapter is not a FaceID adapter and cannot use face embeddings; encode "
+                "the reference with Encode Reference Image (Kit), or load a FaceID adapter")
+        return project_face(self.image_proj, self.config, face, clip, shortcut_scale)
 
     def fuse(self, ip_tokens: torch.Tensor, text: torch.Tensor, lam: float) -> torch.Tensor:
         """Fused mode: mix the image tokens with their attention over the prompt (trained weights if present)."""

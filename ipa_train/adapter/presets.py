@@ -100,3 +100,49 @@ def find_preset(preset: str, family: str, adapter_listing: Iterable[str], clip_l
         raise IPAKitError(f"preset '{preset}' ({family}): CLIP vision file {clip_names[0]} ({spec.encoder}) not found; "
                           f"put it in ComfyUI/models/clip_vision (published at {published})")
     return adapter, clip, spec.encoder
+
+
+# FaceID presets: adapter + (plus only) CLIP vision + the InsightFace model pack. The h94 FaceID files.
+FACEID_HUB = "https://huggingface.co/h94/IP-Adapter-FaceID/tree/main"
+FACEID_PRESETS: dict[str, dict[str, tuple[tuple[str, ...], str | None]]] = {
+    "faceid": {"sd15": (("ip-adapter-faceid_sd15.bin", "ip-adapter-faceid_sd15.safetensors"), None),
+               "sdxl": (("ip-adapter-faceid_sdxl.bin", "ip-adapter-faceid_sdxl.safetensors"), None)},
+    "faceid plus": {"sd15": (("ip-adapter-faceid-plus_sd15.bin", "ip-adapter-faceid-plus_sd15.safetensors"), VIT_H)},
+    "faceid plus v2": {"sd15": (("ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sd15.safetensors"), VIT_H),
+                       "sdxl": (("ip-adapter-faceid-plusv2_sdxl.bin", "ip-adapter-faceid-plusv2_sdxl.safetensors"), VIT_H)},
+    "faceid portrait": {"sd15": (("ip-adapter-faceid-portrait-v11_sd15.bin", "ip-adapter-faceid-portrait_sd15.bin"), None),
+                        "sdxl": (("ip-adapter-faceid-portrait_sdxl.bin", "ip-adapter-faceid-portrait_sdxl.safetensors"), None)},
+    "faceid portrait unnorm": {"sdxl": (("ip-adapter-faceid-portrait_sdxl_unnorm.bin",), None)},
+}
+FACEID_PRESET_NAMES = tuple(FACEID_PRESETS)
+
+
+def find_faceid_preset(preset: str, family: str, adapter_listing: Iterable[str], clip_listing: Iterable[str],
+                       face_packs: Iterable[str], face_pack: str = "buffalo_l") -> tuple[str, str | None, str]:
+    """(adapter file, CLIP vision file or None, face model pack) of a FaceID preset.
+
+    Raises one IPAKitError listing every missing file, one line each: its name, folder and download page.
+    """
+    if preset not in FACEID_PRESETS:
+        raise IPAKitError(f"unknown FaceID preset {preset!r}; expected one of {', '.join(FACEID_PRESET_NAMES)}")
+    spec = FACEID_PRESETS[preset].get(family)
+    if spec is None:
+        have = ", ".join(p for p, fams in FACEID_PRESETS.items() if family in fams)
+        raise IPAKitError(f"there is no official '{preset}' adapter for {family} models; FaceID presets for {family}: {have}")
+    names, encoder = spec
+    missing = []
+    adapter = find_file(names, adapter_listing)
+    if adapter is None:
+        missing.append(f"{names[0]} -> ComfyUI/models/ipadapter (from {FACEID_HUB})")
+    clip = None
+    if encoder is not None:
+        clip_names, published = CLIP_FILES[encoder]
+        clip = find_file(clip_names, clip_listing)
+        if clip is None:
+            missing.append(f"{clip_names[0]} ({encoder}) -> ComfyUI/models/clip_vision (from {published})")
+    if face_pack not in set(face_packs):
+        missing.append(f"{face_pack} (det_10g.onnx, w600k_r50.onnx) -> ComfyUI/models/insightface/models/{face_pack}/ "
+                       "(InsightFace model zoo, non-commercial research only)")
+    if missing:
+        raise IPAKitError(f"FaceID preset '{preset}' ({family}) is missing:\n" + "\n".join(f"  {m}" for m in missing))
+    return adapter, clip, face_pack

@@ -86,11 +86,12 @@ def test_workflow_loads_and_converts_in_the_frontend(browser_server, path):
 
 def test_workflow_saved_with_11_apply_values_keeps_its_boosts(browser_server):
     """The frontend maps an older IPAKitApply's 11 values onto the same widgets: its boosts stay on style_boost /
-    composition_boost (so they still are the boosts), the appended weight_composition gets its default."""
+    composition_boost (so they still are the boosts), the appended weight_composition and faceid_lora_strength get
+    their defaults."""
     result = browser_server[2][PRE_18]
     node = next(n for n in result["loaded"] if n["type"] == "IPAKitApply")
     saved = next(n for n in _saved_with_11_apply_values()["nodes"] if n["type"] == "IPAKitApply")["widgets_values"]
-    assert node["widgets"] == saved + [1.0]
+    assert node["widgets"] == saved + [1.0, 1.0]
     inputs = result["output"][str(node["id"])]["inputs"]
     assert (inputs["weight_type"], inputs["style_boost"], inputs["composition_boost"], inputs["weight_composition"]) \
         == ("style transfer precise", 2.0, 0.5, 1.0)

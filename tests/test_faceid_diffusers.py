@@ -1,0 +1,65 @@
+"""FaceID through our diffusers UNet patch equals diffusers' own FaceID path (its FaceID image projection and IP
+processors), with the file's LoRA merged into the UNet by its diffusers names (diffusers itself loads that LoRA only
+through PEFT, which the test environment may lack)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipa_train.adapter.config import AdapterConfig
+from ipa_train.adapter.faceid_lora import comfy_lora_state
+from ipa_train.adapter.layout import known_sites
+from ipa_train.hosts.diffusers_unet import install_adapter, unet_layer_hidden_sizes
+from ipa_train.hosts.face_embeds import encode_face_embeds
+from tests.faceid_factories import random_lora
+from tests.factories import random_adapter, tiny_unet, unet_inputs
+
+
+def _merge_lora(unet, lora: dict[str, torch.Tensor], scale: float = 1.0) -> int:
+    """W += scale * up @ down on every module the renamed LoRA names (`unet.<attention>.processor.to_q_lora...`)."""
+    modules = dict(unet.named_modules())
+    done = 0
+    for key in [k for k in lora if k.endswith(".down.weight")]:
+        base = key[len("unet."):].rsplit("_lora.", 1)[0].replace(".processor.", ".")
+        base = base + ".0" if base.endswith(".to_out") else base
+        with torch.no_grad():
+            modules[base].weight += scale * lora[key.replace(".down.", ".up.")] @ lora[key]
+        done += 1
+    return done
+
+
+# SD1.5 layout only: the SDXL LoRA names are checked against diffusers' own loader in test_faceid_tokens.py
+CASES = [("sd15", "faceid", 4), ("sd15", "faceid-portrait", 16)]
+
+
+@pytest.mark.parametrize("kind,projection,tokens", CASES)
+def test_faceid_noise_prediction_equals_diffusers(kind, projection, tokens):
+    unet = tiny_unet(kind)
+    c = unet.config.cross_attention_dim
+    hidden = tuple(unet_layer_hidden_sizes(unet))
+    cfg = AdapterConfig(projection=projection, num_tokens=tokens, clip_embedding_dim=512, cross_attention_dim=c,
+                        layer_hidden_sizes=hidden, clip_output="none", face_embedding_dim=512)
+    adapter = random_adapter(cfg, seed=2)
+    sample, t, text, added = unet_inputs(unet)
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(3)), dim=-1)
+    if projection == "faceid":
+        lora = comfy_lora_state(random_lora(hidden, c, rank=2, seed=4, scale=0.2), known_sites(kind))
+        assert _merge_lora(unet, lora) == 4 * 2 * len(hidden)
+    with torch.no_grad():
+        base = unet(sample, t, text, added_cond_kwargs=added).sample
+        embeds = encode_face_embeds(adapter, face)
+        patch = install_adapter(unet, adapter, weight=0.7)
+        ours = unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
+        patch.remove()
+        sd = adapter.state_dict()
+        groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+        unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
+        for p in unet.attn_processors.values():
+            if hasattr(p, "scale"):
+                p.scale = [0.7]
+        kwargs = dict(added or {})
+        kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
+        ref = unet(sample, t, text, added_cond_kwargs=kwargs).sample
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
