@@ -30,6 +30,8 @@ from .detect import (
     read_adapter_state,
     split_groups,
 )
+from .dit_formats import find_variant
+from .dit_modules import DitAdapter, load_dit
 from .files import CHECKPOINT_DIR_FILES, PICKLE_SUFFIXES, read_tensors
 from .modules import IPAdapter
 
@@ -42,14 +44,20 @@ __all__ = [
 ]
 
 
-def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> IPAdapter:
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> IPAdapter | DitAdapter:
     """Load any supported IP-Adapter file (or training checkpoint) into an `IPAdapter`.
 
     Args:
-        path: `.safetensors`, `.bin`/`.pt`/`.pth`/`.ckpt`, or an accelerate checkpoint folder.
+        path: `.safetensors`, `.bin`/`.pt`/`.pth`/`.ckpt`, or an accelerate checkpoint folder. Flux and SD3.5
+            adapters (InstantX, XLabs) give a `DitAdapter`, UNet adapters an `IPAdapter`.
         dtype: dtype of the returned module's parameters.
     """
-    state = read_adapter_state(path)
+    tensors, metadata, real = read_tensors(path)
+    if find_variant(tensors) is not None:
+        dit, info = load_dit(tensors, os.fspath(real))
+        logger.info("loaded %s adapter from %s", info["format"], real)
+        return dit.to(dtype).eval()
+    state = split_groups(tensors, metadata, os.fspath(real))
     adapter = build_adapter(state)
     logger.info("loaded %s adapter from %s (%s)", adapter.config.variant, state.path, state.source)
     return adapter.to(dtype).eval()
@@ -57,7 +65,10 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
 
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     """Summary used by `python -m ipa_train inspect` and the loader node."""
-    state = read_adapter_state(path)
+    tensors, metadata, real = read_tensors(path)
+    if find_variant(tensors) is not None:
+        return {**load_dit(tensors, os.fspath(real))[1], "file": os.fspath(path)}
+    state = split_groups(tensors, metadata, os.fspath(real))
     cfg = detect_config(state)
     adapter = build_adapter(state, cfg)
     bad = warn_non_finite(state)
