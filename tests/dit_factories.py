@@ -49,7 +49,7 @@ def xlabs_flux(hidden: int = 32, ctx: int = 24, tokens: int = 4, blocks: int = 1
 
 
 def instantx_sd3(hidden: int = 128, head_dim: int = 64, tokens: int = 64, blocks: int = 38, dim: int = 128,
-                 depth: int = 2, temb_in: int = 32, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+                 depth: int = 4, temb_in: int = 32, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """InstantX SD3.5's nested `.bin` layout; the image tokens are as wide as the model (`hidden`)."""
     g = torch.Generator().manual_seed(seed)
     heads = dim // 64
