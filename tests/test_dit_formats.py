@@ -50,6 +50,7 @@ def test_cli_inspect_text(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "xlabs-flux" in out and "flux" in out and "ViT-L/14" in out
+    assert "transformer blocks patched" in out and "19" in out
 
 
 @pytest.mark.parametrize("name", sorted(f.FILES))
