@@ -159,3 +159,13 @@ def test_non_finite_dit_tensors_are_named(tmp_path, caplog):
     info = inspect_file(f.write(sd, tmp_path / "nan.safetensors"))
     assert info["non_finite_tensors"] == ["double_blocks.4.processor.ip_adapter_double_stream_k_proj.weight"]
     assert "NaN" in caplog.text
+
+
+def test_unet_only_nodes_refuse_a_dit_adapter_in_one_line(tmp_path):
+    from ipa_train.errors import IPAKitError
+
+    adapter = load_adapter(f.write(f.xlabs_flux(), tmp_path / "x.safetensors"))
+    for call in (adapter.check_clip_input, adapter.project, adapter.image_kv):
+        with pytest.raises(IPAKitError, match="does not take the xlabs-flux") as e:
+            call(torch.zeros(1, 768))
+        assert "\n" not in str(e.value)

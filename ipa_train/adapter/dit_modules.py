@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import IPAKitError
 from .dit_formats import DitConfig, block_keys, detect_dit_config, dit_info, image_proj_prefix
 from .files import _fail
 
@@ -186,6 +187,13 @@ class DitAdapter(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def _not_here(self, *args, **kwargs):
+        raise IPAKitError(f"this node does not take the {self.config.format} ({self.config.family}) adapter yet; use "
+                          "Encode Reference Image (Kit) and Apply IP-Adapter (Kit), or Apply IP-Adapter Simple (Kit)")
+
+    # The SD1.5/SDXL-only nodes call these on a UNet adapter; a DiT adapter stops there in one line.
+    check_clip_input = project = image_kv = fuse = _not_here
 
 
 def module_state(cfg: DitConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
