@@ -17,6 +17,7 @@ logger = logging.getLogger("ipa_train")
 
 _LABELS = (
     ("variant", "variant"),
+    ("format", "file format"),
     ("family", "base model family"),
     ("projection", "projection"),
     ("num_tokens", "image tokens"),
@@ -25,6 +26,7 @@ _LABELS = (
     ("encoder", "CLIP vision encoder"),
     ("cross_attention_dim", "cross-attention width"),
     ("cross_attention_layers", "cross-attention layers"),
+    ("blocks", "transformer blocks patched"),
     ("parameters", "parameters"),
     ("face_embedding_dim", "face embedding width"),
     ("lora_rank", "LoRA rank"),
@@ -46,6 +48,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         _out(info["file"])
         for key, label in _LABELS:
+            if key not in info:  # format / blocks: Flux and SD3.5 adapters only
+                continue
             value = info[key]
             if key in ("face_embedding_dim", "lora_rank") and value is None:
                 continue

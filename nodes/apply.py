@@ -16,6 +16,7 @@ from .common import (
     host_text_attention,
     logger,
 )
+from .dit import apply_dit_node, encode_dit, is_dit, refuse_unet_adapter_on_dit
 from .reference import Weights, encode_extra_inputs
 
 MODES = ["scaled", "fused"]
@@ -98,6 +99,8 @@ def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", c
     from ipa_train.adapter.references import parse_weight_list
     from ipa_train.hosts.comfy_patch import encode_embeds
 
+    if is_dit(adapter):
+        return encode_dit(adapter, clip_vision, image, combine, crop, image_negative, reference_weights)
     weights = parse_weight_list(reference_weights or "")
     cond, uncond = clip_pair(adapter, clip_vision, image, crop, image_negative)
     return encode_embeds(adapter, cond, uncond, combine, weights or None)
@@ -113,6 +116,10 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     weight_type / second: the per-layer spread (`ipa_train.adapter.weight_types`; second = weight_composition or
     the precise types' boost, None = the weight); embeds_alt: the composition image's tokens.
     """
+    if is_dit(adapter):
+        return apply_dit_node(model, adapter, embeds, mode, weight, start_at, end_at, layers, layer_weights, attn_mask,
+                              frame_weights, weight_type)
+    refuse_unet_adapter_on_dit(model, adapter)
     from comfy.patcher_extension import WrappersMP
 
     from ipa_train.adapter.layout import check_fit, context_dim_of_blocks, groups_from_blocks, sites_from_groups
@@ -179,7 +186,7 @@ class IPAKitEncodeImage(io.ComfyNode):
                 reference_weights="") -> io.NodeOutput:
         from .reference import encode_prepared, uses_host_preprocessing
 
-        if uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio):
+        if is_dit(adapter) or uses_host_preprocessing(crop, interpolation, sharpening, enhance_tiles, enhance_ratio):
             return io.NodeOutput(encode(adapter, clip_vision, image, combine, crop, image_negative, reference_weights))
         return io.NodeOutput(encode_prepared(adapter, clip_vision, image, combine, crop, image_negative, interpolation,
                                              sharpening, enhance_tiles, enhance_ratio, reference_weights))
@@ -243,7 +250,8 @@ class IPAKitApply(io.ComfyNode):
 
         from .faceid import apply_face_lora
 
-        check_embeds_fit(adapter, embeds)
+        if not is_dit(adapter):  # the DiT path checks its own embeds
+            check_embeds_fit(adapter, embeds)
         m = apply(model, adapter, embeds, mode, weight, fusion_lambda, start_at, end_at, layers, layer_weights,
                   attn_mask, frame_weights, weight_type, embeds_scaling,
                   second_weight(weight_type, weight_composition, style_boost, composition_boost))

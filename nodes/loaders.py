@@ -5,9 +5,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .common import CATEGORY, Adapter, adapter_files, logger
+from .dit import describe as describe_dit
 
 
 def describe(info: dict) -> str:
+    if "format" in info:
+        return describe_dit(info)
     fusion = "trained fusion weights" if info["fusion"] else "no fusion weights (fused mode uses the parameter-free fusion)"
     if str(info["projection"]).startswith("faceid"):
         clip = "no CLIP vision" if info["encoder"] == "none" else f"CLIP vision {info['encoder']} for the face crop"
@@ -24,10 +27,16 @@ def load(adapter_file: str):
     """-> (adapter, info dict) for a file name of the `ipadapter` model folder."""
     import folder_paths
 
-    from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
+    from ipa_train.adapter.dit_formats import find_variant
+    from ipa_train.adapter.dit_modules import load_dit
+    from ipa_train.adapter.formats import build_adapter, detect_config, read_tensors, split_groups
 
     path = folder_paths.get_full_path_or_raise("ipadapter", adapter_file)
-    state = read_adapter_state(path)
+    tensors, metadata, real = read_tensors(path)
+    if find_variant(tensors) is not None:  # Flux / SD3.5 (InstantX, XLabs)
+        adapter, info = load_dit(tensors, str(real))
+        return adapter.float().eval(), {**info, "file": adapter_file}
+    state = split_groups(tensors, metadata, str(real))
     config = detect_config(state)
     adapter = build_adapter(state, config).float().eval()
     info = {

@@ -30,6 +30,8 @@ from .detect import (
     read_adapter_state,
     split_groups,
 )
+from .dit_formats import find_variant
+from .dit_modules import DitAdapter, load_dit
 from .files import CHECKPOINT_DIR_FILES, PICKLE_SUFFIXES, read_tensors
 from .modules import IPAdapter
 
@@ -42,8 +44,10 @@ __all__ = [
 ]
 
 
-def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, variant: str | None = None) -> IPAdapter:
-    """Load any supported IP-Adapter file (or training checkpoint) into an `IPAdapter`.
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                 variant: str | None = None) -> IPAdapter | DitAdapter:
+    """Load any supported IP-Adapter file (or training checkpoint) into an `IPAdapter` (UNet families) or a
+    `DitAdapter` (Flux and SD3.5 adapters: InstantX, XLabs).
 
     Args:
         path: `.safetensors`, `.bin`/`.pt`/`.pth`/`.ckpt`, or an accelerate checkpoint folder.
@@ -51,7 +55,12 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, va
         variant: a variant name overriding what the file name says (FaceID: faceid-plus / faceid-plusv2,
             faceid-portrait-unnorm); None or "auto" detects it.
     """
-    state = read_adapter_state(path)
+    tensors, metadata, real = read_tensors(path)
+    if find_variant(tensors) is not None:
+        dit, info = load_dit(tensors, os.fspath(real))
+        logger.info("loaded %s adapter from %s", info["format"], real)
+        return dit.to(dtype).eval()
+    state = split_groups(tensors, metadata, os.fspath(real))
     adapter = build_adapter(state, detect_config(state, None if variant in (None, "auto") else variant))
     adapter.lora = {k: t.to(dtype) for k, t in adapter.lora.items()}
     logger.info("loaded %s adapter from %s (%s)", adapter.config.variant, state.path, state.source)
@@ -60,7 +69,10 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32, va
 
 def inspect_file(path: str | os.PathLike, variant: str | None = None) -> dict[str, Any]:
     """Summary used by `python -m ipa_train inspect` and the loader node."""
-    state = read_adapter_state(path)
+    tensors, metadata, real = read_tensors(path)
+    if find_variant(tensors) is not None:
+        return {**load_dit(tensors, os.fspath(real))[1], "file": os.fspath(path)}
+    state = split_groups(tensors, metadata, os.fspath(real))
     cfg = detect_config(state, variant)
     adapter = build_adapter(state, cfg)
     bad = warn_non_finite(state)

@@ -1,0 +1,252 @@
+"""Modules of the Flux and SD3.5 IP-Adapters: the three image projections and the per-block K/V weights.
+
+Module names follow the official files' keys (after `image_proj.` / `ip_adapter_proj_model.` and the block
+prefix), so a file's tensors load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import IPAKitError
+from .dit_formats import DitConfig, block_keys, detect_dit_config, dit_info, image_proj_prefix
+from .files import _fail
+
+logger = logging.getLogger(__name__)
+
+
+class MLPProjection(nn.Module):
+    """InstantX Flux: SigLIP pooled [B, 1152] -> Linear, GELU, Linear -> [B, N, C] -> LayerNorm."""
+
+    def __init__(self, cfg: DitConfig):
+        super().__init__()
+        self.num_tokens, self.dim = cfg.num_tokens, cfg.context_dim
+        self.proj = nn.Sequential(nn.Linear(cfg.clip_embedding_dim, cfg.proj_hidden), nn.GELU(),
+                                  nn.Linear(cfg.proj_hidden, cfg.context_dim * cfg.num_tokens))
+        self.norm = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(embeds).reshape(-1, self.num_tokens, self.dim))
+
+
+class LinearProjection(nn.Module):
+    """XLabs: CLIP image_embeds [B, 768] -> Linear -> [B, N, C] -> LayerNorm (diffusers `ImageProjection`)."""
+
+    def __init__(self, cfg: DitConfig):
+        super().__init__()
+        self.num_tokens, self.dim = cfg.num_tokens, cfg.context_dim
+        self.proj = nn.Linear(cfg.clip_embedding_dim, cfg.context_dim * cfg.num_tokens)
+        self.norm = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(embeds).reshape(-1, self.num_tokens, self.dim))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of t (0..1000) [B] -> [B, dim], cos half first (flip_sin_to_cos, no frequency shift)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, dim_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResamplerAttention(nn.Module):
+    """The resampler's latents attend to cat(image features, latents); q and k each scaled by d^-1/4."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int = 64):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = heads * dim_head
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        b = latents.shape[0]
+        x = self.norm1(x)
+        lat = self.norm2(latents) * (1 + scale[:, None]) + shift[:, None]
+        q = self.to_q(lat)
+        k, v = self.to_kv(torch.cat([x, lat], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))  # [B, H, L, d]
+        s = 1 / math.sqrt(math.sqrt(self.dim_head))
+        w = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1).to(q.dtype)
+        out = (w @ v).transpose(1, 2).reshape(b, -1, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class TimeResampler(nn.Module):
+    """InstantX SD3.5: SigLIP penultimate [B, 729, 1152] and t (sigma*1000) -> tokens [B, N, C] and temb [B, 1280].
+
+    Each layer is (attention, feed-forward LN->Linear->GELU->Linear, adaLN SiLU->Linear giving shift/scale of
+    the attention and of the feed-forward), as the official keys `layers.{l}.{0,1,2}` lay them out.
+    """
+
+    def __init__(self, cfg: DitConfig):
+        super().__init__()
+        dim = cfg.resampler_dim
+        self.timestep_in_dim = cfg.timestep_in_dim
+        self.latents = nn.Parameter(torch.zeros(1, cfg.num_tokens, dim))
+        self.proj_in = nn.Linear(cfg.clip_embedding_dim, dim)
+        self.time_embedding = TimestepMLP(cfg.timestep_in_dim, cfg.timestep_emb_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                ResamplerAttention(dim, cfg.resampler_heads),
+                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(),
+                              nn.Linear(4 * dim, dim, bias=False)),
+                nn.Sequential(nn.SiLU(), nn.Linear(cfg.timestep_emb_dim, 4 * dim)),
+            ])
+            for _ in range(cfg.resampler_depth)
+        )
+        self.proj_out = nn.Linear(dim, cfg.context_dim)
+        self.norm_out = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, feats: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        temb = self.time_embedding(timestep_embedding(timestep, self.timestep_in_dim).to(feats.dtype))  # [B, 1280]
+        x = self.proj_in(feats) + temb[:, None]
+        lat = self.latents.repeat(feats.shape[0], 1, 1)
+        for attn, ff, ada in self.layers:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = ada(temb).chunk(4, dim=1)
+            lat = lat + attn(x, lat, shift_msa, scale_msa)
+            norm, *rest = ff
+            h = norm(lat) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            for m in rest:
+                h = m(h)
+            lat = lat + h
+        return self.norm_out(self.proj_out(lat)), temb
+
+
+class HeadRMSNorm(nn.Module):
+    """RMS norm over the head width, with a learned scale (InstantX SD3.5's norm_q / norm_k / norm_ip_k)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class AdaNorm(nn.Module):
+    """Time-conditioned LayerNorm of the SD3.5 image tokens: shift, scale = linear(SiLU(temb))."""
+
+    def __init__(self, temb_dim: int, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(temb_dim, 2 * dim)
+
+    def forward(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(F.silu(temb)).chunk(2, dim=1)
+        normed = F.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
+        return normed * (1 + scale[:, None]) + shift[:, None]
+
+
+class DitBlock(nn.Module):
+    """Per-block image K/V weights; SD3.5 blocks add the token adaNorm and the three head RMS norms."""
+
+    def __init__(self, cfg: DitConfig):
+        super().__init__()
+        bias = cfg.format == "xlabs-flux"
+        self.to_k_ip = nn.Linear(cfg.context_dim, cfg.hidden_size, bias=bias)
+        self.to_v_ip = nn.Linear(cfg.context_dim, cfg.hidden_size, bias=bias)
+        if cfg.format == "instantx-sd3":
+            self.norm_ip = AdaNorm(cfg.timestep_emb_dim, cfg.context_dim)
+            self.norm_q = HeadRMSNorm(cfg.head_dim)
+            self.norm_k = HeadRMSNorm(cfg.head_dim)
+            self.norm_ip_k = HeadRMSNorm(cfg.head_dim)
+
+
+_PROJECTIONS = {"instantx-flux": MLPProjection, "xlabs-flux": LinearProjection, "instantx-sd3": TimeResampler}
+
+
+class DitAdapter(nn.Module):
+    """A Flux or SD3.5 IP-Adapter: `image_proj` and one `DitBlock` per patched block, in the file's order."""
+
+    def __init__(self, cfg: DitConfig):
+        super().__init__()
+        self.config = cfg
+        self.image_proj = _PROJECTIONS[cfg.format](cfg)
+        self.blocks = nn.ModuleList(DitBlock(cfg) for _ in range(cfg.blocks))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _not_here(self, *args, **kwargs):
+        raise IPAKitError(f"this node does not take the {self.config.format} ({self.config.family}) adapter yet; use "
+                          "Encode Reference Image (Kit) and Apply IP-Adapter (Kit), or Apply IP-Adapter Simple (Kit)")
+
+    # The SD1.5/SDXL-only nodes call these on a UNet adapter; a DiT adapter stops there in one line.
+    check_clip_input = project = image_kv = fuse = _not_here
+
+
+def module_state(cfg: DitConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors under the module names of `DitAdapter` (unknown keys are kept to be reported)."""
+    prefix = image_proj_prefix(cfg.format)
+    file_to_module = {key: f"blocks.{j}.{name}" for j in range(cfg.blocks)
+                      for name, key in block_keys(cfg.format, j).items()}
+    out = {}
+    for key, t in tensors.items():
+        if key in file_to_module:
+            out[file_to_module[key]] = t
+        elif key.startswith(prefix):
+            out["image_proj." + key[len(prefix):]] = t
+        else:
+            out[key] = t
+    return out
+
+
+def build_dit_adapter(cfg: DitConfig, tensors: dict[str, torch.Tensor], path: str) -> DitAdapter:
+    """A `DitAdapter` holding the file's tensors; a key or shape that does not fit is one `AdapterFormatError`."""
+    with torch.device("meta"):
+        adapter = DitAdapter(cfg)
+    sd = module_state(cfg, tensors)
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with the wrong shape ({k}: {tuple(sd[k].shape)}, expected "
+                         f"{tuple(expected[k].shape)})")
+        raise _fail(path, f"does not match a {cfg.format} adapter: " + "; ".join(parts) +
+                    ". The file is incomplete or damaged: download it again")
+    adapter.load_state_dict(sd, strict=True, assign=True)
+    return adapter
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load_dit(tensors: dict[str, torch.Tensor], path: str) -> tuple[DitAdapter, dict]:
+    """-> (adapter, `inspect --json` info) for the tensors of a DiT adapter file."""
+    cfg = detect_dit_config(tensors, path)
+    adapter = build_dit_adapter(cfg, tensors, path)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        logger.warning("%s: %d tensor(s) hold NaN or infinite values (%s); this adapter will produce black or NaN "
+                       "images: download it again", path, len(bad), ", ".join(bad[:3]))
+    return adapter, dit_info(cfg, tensors, path, bad)
