@@ -200,7 +200,7 @@ class ComfyBackbone:
         for part in parts:
             attr = {"vae": "vae", "text": "clip", "image": "clip_vision"}[part]
             owner = getattr(self, attr)
-            if owner is not None:
+            if getattr(owner, "patcher", None) is not None:  # another pack's encoder may have no patcher
                 self._unload(owner.patcher)
             setattr(self, attr, None)
         self.mm.soft_empty_cache()

@@ -37,6 +37,9 @@ class TinyVision(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(7)
         self.proj = torch.nn.Parameter((torch.randn(3 * 4, CLIP_DIM * TOKENS, generator=g) / 4).to(dtype), requires_grad=False)
+        # read for the output widths, as on ComfyUI's CLIP vision model: no projection, so image_embeds has the width
+        self.vision_model = torch.nn.Module()
+        self.vision_model.post_layernorm = torch.nn.LayerNorm(CLIP_DIM)
 
     def forward(self, pixel_values, intermediate_output=None):
         small = torch.nn.functional.adaptive_avg_pool2d(pixel_values.to(self.proj.dtype), 2).flatten(1)  # [N, 12]
