@@ -15,7 +15,7 @@ from ..errors import AdapterFormatError
 from .config import CONFIG_METADATA_KEY, AdapterConfig, ResamplerConfig
 from .faceid import FACE_MEASURE, face_fields
 from .faceid_lora import check_lora, is_lora_key
-from .files import _fail, clean, read_tensors
+from .files import _fail, clean, read_tensors, state_mismatch
 from .modules import IPAdapter, layer_key
 
 CLIP_TOKENS = 257  # ViT/14 at 224 px: 16*16 patches + CLS
@@ -397,20 +397,9 @@ def build_adapter(state: AdapterState, config: AdapterConfig | None = None) -> I
         raise _fail(state.path, f"its sizes do not make a {config.variant} adapter ({clean(str(e), 80)}); the file "
                                 "is damaged or not an adapter") from None
     sd = state_to_module_dict(state)
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} keys with the wrong shape ({k}: {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)})")
-        raise _fail(state.path, f"does not match a {config.variant} adapter: " + "; ".join(parts) + ". The file is incomplete or damaged.")
+    mismatch = state_mismatch(adapter.state_dict(), sd, show=4)
+    if mismatch:
+        raise _fail(state.path, f"does not match a {config.variant} adapter: " + mismatch + ". The file is incomplete or damaged.")
     adapter.load_state_dict(sd, strict=True, assign=True)
     adapter.lora = dict(state.lora)
     return adapter

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import IPAKitError
 from .dit_formats import DitConfig, block_keys, detect_dit_config, dit_info, image_proj_prefix
-from .files import _fail
+from .files import _fail, state_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -217,21 +217,9 @@ def build_dit_adapter(cfg: DitConfig, tensors: dict[str, torch.Tensor], path: st
     with torch.device("meta"):
         adapter = DitAdapter(cfg)
     sd = module_state(cfg, tensors)
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} with the wrong shape ({k}: {tuple(sd[k].shape)}, expected "
-                         f"{tuple(expected[k].shape)})")
-        raise _fail(path, f"does not match a {cfg.format} adapter: " + "; ".join(parts) +
+    mismatch = state_mismatch(adapter.state_dict(), sd)
+    if mismatch:
+        raise _fail(path, f"does not match a {cfg.format} adapter: " + mismatch +
                     ". The file is incomplete or damaged: download it again")
     adapter.load_state_dict(sd, strict=True, assign=True)
     return adapter

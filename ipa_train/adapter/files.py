@@ -190,3 +190,20 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         except AdapterFormatError as e:
             raise _fail(path, str(e)) from None
     return tensors, metadata, p
+
+
+def state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], show: int = 3) -> str:
+    """How a file's tensors differ from a module's state dict (missing / unexpected keys, wrong shapes), "" if not."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys ({', '.join(missing[:show])})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:show])})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} keys with the wrong shape ({k}: {tuple(given[k].shape)}, expected "
+                     f"{tuple(expected[k].shape)})")
+    return "; ".join(parts)
