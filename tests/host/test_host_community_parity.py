@@ -2,8 +2,8 @@
 IPADAPTER_PLUS_PATH): same adapter file, same CLIP outputs, same noise prediction. Both of its node families:
 
 - its Advanced and Embeds nodes (a weight_type, no boost input) against IPAKitApply with its defaults and the same
-  weight, weight type and embeds_scaling: every weight type (x every embeds_scaling on SD1.5), SD1.5 and SDXL,
-  plain and plus (the Advanced node on SDXL: linear and the types whose defaults differ between the families);
+  weight, weight type and embeds_scaling: every weight type, SD1.5 and SDXL, plain and plus, each embeds_scaling
+  on several types (the Advanced node on SDXL: linear and the types whose defaults differ between the families);
 - its dedicated nodes (Precise Style Transfer, Precise Composition, Style & Composition) against IPAKitApply with
   the inputs those nodes show (style_boost, composition_boost, weight_composition), and its Style & Composition
   node with two images against ours;
@@ -182,22 +182,28 @@ def _family_case(request, family, projection, tmp_path, cubiq, images, seed=1):
     return patcher, ours, theirs, cond, uncond, _inputs(context)
 
 
+def _turn(weight_type: str) -> str:
+    """The embeds_scaling a weight type is checked on when not on all of them: each scaling in turn."""
+    return EMBEDS_SCALING[WEIGHT_TYPES.index(weight_type) % len(EMBEDS_SCALING)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("projection", ["plain", "plus"])
 def test_advanced_and_embeds_nodes_equal_kit_apply_with_its_defaults(request, kit, community, cubiq, tmp_path, family,
                                                                       projection):
     """A workflow moved from the community pack's Advanced or Embeds node to IPAKitApply (same file, image, weight,
-    weight type, embeds_scaling; nothing else set) predicts the same noise. SD1.5: every weight type x every
-    embeds_scaling (Embeds node), every weight type on one scaling each and the types whose defaults differ on all (Advanced
-    node); SDXL: every weight type on V only and linear on every scaling (Embeds node), linear and the types whose defaults differ
-    types (Advanced node, which differs from the Embeds node only in how the CLIP outputs arrive)."""
+    weight type, embeds_scaling; nothing else set) predicts the same noise. Both nodes, every weight type, each on
+    one embeds_scaling in turn (SD1.5) or V only (SDXL); linear and the types whose defaults differ between the
+    community pack's node families also on every scaling (SD1.5; SDXL: linear), Embeds node, and on the Advanced node
+    (which differs from the Embeds node only in how the CLIP outputs arrive)."""
     apply_mod = importlib.import_module(kit.__name__ + ".nodes.apply")
     plus, images = community
     patcher, ours, theirs, cond, uncond, (x, ctx, t) = _family_case(request, family, projection, tmp_path, cubiq, images)
     base = _eps(patcher, x, t, ctx, [1, 0])
-    if family == "sd15":
-        cases = [(wt, sc) for wt in WEIGHT_TYPES for sc in EMBEDS_SCALING]
+    if family == "sd15":  # every type on one scaling (in turn); linear and the types whose defaults differ on all
+        cases = [(wt, sc) for wt in WEIGHT_TYPES for sc in EMBEDS_SCALING
+                 if sc == _turn(wt) or wt == "linear" or wt in FAMILY_DEFAULTS_DIFFER]
     else:
         cases = [(wt, "V only") for wt in WEIGHT_TYPES] + [("linear", sc) for sc in EMBEDS_SCALING[1:]]
     worst, advanced_types = 0.0, set()
@@ -207,8 +213,8 @@ def test_advanced_and_embeds_nodes_equal_kit_apply_with_its_defaults(request, ki
         assert (kit_eps - base).abs().max() > 1e-3, f"{weight_type} / {scaling}: the adapter changed nothing"
         shown = dict(weight=WEIGHT, weight_type=weight_type, start_at=0.0, end_at=1.0, embeds_scaling=scaling)
         nodes = {"IPAdapterEmbeds": dict(shown, pos_embed=cond, neg_embed=uncond)}
-        turn = EMBEDS_SCALING[WEIGHT_TYPES.index(weight_type) % len(EMBEDS_SCALING)]
-        if weight_type in FAMILY_DEFAULTS_DIFFER or (scaling == turn if family == "sd15" else weight_type == "linear"):
+        if weight_type in FAMILY_DEFAULTS_DIFFER or (scaling == _turn(weight_type) if family == "sd15"
+                                                     else weight_type == "linear"):
             nodes["IPAdapterAdvanced"] = dict(shown, image=IMAGE, combine_embeds="concat", clip_vision=CLIP)
             advanced_types.add(weight_type)
         for name, inputs in nodes.items():
