@@ -34,6 +34,19 @@ def _declared(object_info: dict, node_type: str) -> dict | None:
             for section in ("required", "optional") for name, decl in spec.get(section, {}).items()}
 
 
+def _widget_names(object_info: dict, node_type: str) -> list[str]:
+    """The node's widget inputs in the order the server declares them (the order of saved widget values)."""
+    spec = object_info.get(node_type, {}).get("input", {})
+    names = []
+    for section in ("required", "optional"):
+        for name, decl in spec.get(section, {}).items():
+            kind, opts = decl[0], (decl[1] if len(decl) > 1 and isinstance(decl[1], dict) else {})
+            if (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                    and not opts.get("forceInput"):
+                names.append(name)
+    return names
+
+
 def to_api_prompt(workflow: dict, object_info: dict) -> dict:
     """A UI workflow (nodes with `inputs` and `widgets_values`, links) -> the API prompt the frontend queues.
 
@@ -66,6 +79,11 @@ def to_api_prompt(workflow: dict, object_info: dict) -> dict:
             if link is not None:
                 origin = links[link]
                 inputs[name] = [str(origin[1]), origin[2]]
+        # widgets appended to the node after the workflow was saved have a value but no slot: the frontend maps
+        # the remaining values onto them in declaration order
+        slot_names = {slot["name"] for slot in slots}
+        for name, value in zip([n for n in _widget_names(object_info, node["type"]) if n not in slot_names], values):
+            inputs[name] = value
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
 
