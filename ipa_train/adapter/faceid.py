@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import EncoderMismatchError, IPAKitError
 from .config import AdapterConfig, ResamplerConfig
-from .modules import PerceiverAttention, Resampler, _FeedForward
+from .modules import Perceiver, Resampler
 
 FACE_EMBEDDING_DIM = 512
 
@@ -40,25 +40,11 @@ class FaceMLP(nn.Module):
         return self.norm(self.proj(face).reshape(-1, self.num_tokens, self.cross_dim))
 
 
-class FacePerceiver(nn.Module):
+class FacePerceiver(Perceiver):
     """The ID tokens [B, T, C] read the CLIP hidden states [B, L, D] (keys proj_in, layers, proj_out, norm_out)."""
 
-    def __init__(self, clip_dim: int, cross_dim: int, cfg: ResamplerConfig):
-        super().__init__()
-        self.proj_in = nn.Linear(clip_dim, cfg.dim)
-        self.proj_out = nn.Linear(cfg.dim, cross_dim)
-        self.norm_out = nn.LayerNorm(cross_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(cfg.dim, cfg.dim_head, cfg.heads), _FeedForward(cfg.dim, cfg.ff_mult)])
-            for _ in range(cfg.depth)
-        )
-
     def forward(self, latents: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-        x = self.proj_in(clip)  # [B, L, dim]
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        return self.read(latents, clip)
 
 
 class FacePlus(nn.Module):

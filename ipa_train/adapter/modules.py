@@ -75,12 +75,12 @@ class _FeedForward(nn.Sequential):
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
 
 
-class Resampler(nn.Module):
-    """The *plus* projection: Q learned latents read the CLIP hidden states [B, L, D] -> [B, Q, C]."""
+class Perceiver(nn.Module):
+    """Latents [B, Q, dim] read hidden states [B, L, D] through perceiver layers -> [B, Q, C]
+    (keys proj_in, layers, proj_out, norm_out)."""
 
-    def __init__(self, clip_dim: int, cross_dim: int, num_tokens: int, cfg: ResamplerConfig):
+    def __init__(self, clip_dim: int, cross_dim: int, cfg: ResamplerConfig):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, num_tokens, cfg.dim) / cfg.dim**0.5)
         self.proj_in = nn.Linear(clip_dim, cfg.dim)
         self.proj_out = nn.Linear(cfg.dim, cross_dim)
         self.norm_out = nn.LayerNorm(cross_dim)
@@ -89,13 +89,23 @@ class Resampler(nn.Module):
             for _ in range(cfg.depth)
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.repeat(hidden.shape[0], 1, 1)  # [B, Q, dim]
+    def read(self, latents: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(hidden)  # [B, L, dim]
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))  # [B, Q, C]
+
+
+class Resampler(Perceiver):
+    """The *plus* projection: Q learned latents read the CLIP hidden states [B, L, D] -> [B, Q, C]."""
+
+    def __init__(self, clip_dim: int, cross_dim: int, num_tokens: int, cfg: ResamplerConfig):
+        super().__init__(clip_dim, cross_dim, cfg)
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.read(self.latents.repeat(hidden.shape[0], 1, 1), hidden)
 
 
 def multihead_attention(
