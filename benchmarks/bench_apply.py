@@ -86,7 +86,7 @@ def weight_type_table(patcher, apply_mod, adapter, clip, steps, x, sigma, ctx, t
     """Every weight type: ours and the community pack's, each with the unpatched model in the same round-robin."""
     from ipa_train import save_adapter
     from ipa_train.adapter.weight_types import WEIGHT_TYPES
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     community = load_community_pack()
     theirs_file = None
@@ -132,7 +132,7 @@ def main() -> None:
 
     from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
     from ipa_train.adapter.modules import IPAdapter
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
     from ipa_train.hosts.diffusers_unet import unet_layer_hidden_sizes
 
     torch.manual_seed(0)

@@ -97,7 +97,7 @@ def encode(adapter, clip_vision, image: torch.Tensor, combine: str = "concat", c
            image_negative: torch.Tensor | None = None, reference_weights: str = ""):
     """CLIP vision + projection -> ImageEmbeds (cond and uncond tokens); reference_weights: "1.0, 0.5" or ""."""
     from ipa_train.adapter.references import parse_weight_list
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     if is_dit(adapter):
         return encode_dit(adapter, clip_vision, image, combine, crop, image_negative, reference_weights)
@@ -124,7 +124,7 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
 
     from ipa_train.adapter.layout import check_fit, context_dim_of_blocks, groups_from_blocks, sites_from_groups
     from ipa_train.adapter.weight_types import application_plans
-    from ipa_train.hosts.comfy_patch import AdapterApplication, Attn2Replace, FusionWrapper, chain_patches
+    from ipa_train.hosts.comfy.unet import AdapterApplication, Attn2Replace, FusionWrapper, chain_patches
 
     unet = model.get_model_object("diffusion_model")
     blocks = (unet.input_blocks, unet.middle_block, unet.output_blocks)

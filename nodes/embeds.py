@@ -89,7 +89,7 @@ class IPAKitLoadEmbeds(io.ComfyNode):
 
         from ipa_train.adapter.embeds_file import check_embeds_for, read_embeds
         from ipa_train.errors import IPAKitError
-        from ipa_train.hosts.comfy_patch import ImageEmbeds, encode_embeds
+        from ipa_train.hosts.comfy.unet import ImageEmbeds, encode_embeds
 
         from .common import clip_outputs_of_zero_pixels
 

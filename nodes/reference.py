@@ -151,7 +151,7 @@ def encode_prepared(adapter, clip_vision, image, combine="concat", crop="center"
                     interpolation="bicubic", sharpening=0.0, enhance_tiles=1, enhance_ratio=1.0, reference_weights=""):
     """ImageEmbeds with ipa_train's preparation (crop position, filter, sharpening) and the optional tile enhance."""
     from ipa_train.adapter.references import parse_weight_list
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     cond = clip_input(adapter, clip_vision, image, crop, interpolation, sharpening, enhance_tiles, enhance_ratio)
     adapter.check_clip_input(cond, source="CLIP vision model's output")

@@ -45,7 +45,7 @@ class IPAKitApplyTiled(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, clip_vision, image, weight=0.8, mode="scaled", fusion_lambda=0.8, start_at=0.0,
                 end_at=1.0, short_side_tiles=1, interpolation="bicubic", sharpening=0.0, image_negative=None) -> io.NodeOutput:
-        from ipa_train.hosts.comfy_patch import encode_embeds
+        from ipa_train.hosts.comfy.unet import encode_embeds
         from ipa_train.reference.tiles import tile_grid, tile_images, tile_masks
 
         from .apply import apply

@@ -167,7 +167,7 @@ class ComfyBackbone:
         return out
 
     def attach(self, adapter) -> None:
-        from ipa_train.hosts.comfy_patch import AdapterApplication, ImageEmbeds, chain_patches
+        from ipa_train.hosts.comfy.unet import AdapterApplication, ImageEmbeds, chain_patches
 
         self.adapter = adapter
         zeros = torch.zeros(1, 1, adapter.config.cross_attention_dim)
@@ -182,7 +182,7 @@ class ComfyBackbone:
         m.model.requires_grad_(False)
 
     def predict(self, noisy, timesteps, text, ip_tokens):
-        from ipa_train.hosts.comfy_patch import CALL_KV_KEY
+        from ipa_train.hosts.comfy.unet import CALL_KV_KEY
 
         m = self.patched
         dtype = compute_dtype(m)  # the adapter stays fp32 (master weights); its K/V enter the UNet in this dtype

@@ -96,7 +96,7 @@ def test_lora_names_equal_diffusers_processor_names(kind):
 
 
 def test_embeds_and_adapter_must_both_be_faceid_or_neither():
-    from ipa_train.hosts.comfy_patch import ImageEmbeds
+    from ipa_train.hosts.comfy.unet import ImageEmbeds
     from ipa_train.hosts.face_embeds import check_embeds_fit
     from tests.factories import OFFICIAL, official_config
 

@@ -10,10 +10,10 @@ import torch
 from ipa_train.adapter.config import AdapterConfig
 from ipa_train.adapter.modules import multihead_attention
 from ipa_train.hosts import frames, regions
-from ipa_train.hosts.comfy_patch import AdapterApplication, Attn2Replace, FusionWrapper, encode_embeds
+from ipa_train.hosts.comfy.unet import AdapterApplication, Attn2Replace, FusionWrapper, encode_embeds
 
 from .factories import random_adapter
-from .test_comfy_patch import HEADS, _inputs, _options
+from .test_comfy_unet import HEADS, _inputs, _options
 
 
 @pytest.fixture(scope="module")

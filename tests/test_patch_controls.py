@@ -14,8 +14,8 @@ from ipa_train.adapter.layout import known_sites
 from ipa_train.adapter.references import COMBINE_METHODS, combine_clip, parse_weight_list, reference_weights
 from ipa_train.adapter.weight_types import LayerPlan
 from ipa_train.errors import IPAKitError
-from ipa_train.hosts import comfy_patch
-from ipa_train.hosts.comfy_patch import AdapterApplication, Attn2Replace, chain_patches, encode_embeds
+from ipa_train.hosts.comfy import unet
+from ipa_train.hosts.comfy.unet import AdapterApplication, Attn2Replace, chain_patches, encode_embeds
 
 from .factories import random_adapter
 from .test_modules import naive_attention
@@ -89,8 +89,8 @@ def test_zero_weight_layer_does_no_image_attention(adapter, monkeypatch):
     app = AdapterApplication(adapter, embeds, [LayerPlan(0.0), LayerPlan(1.0), LayerPlan(0.0, "neg")], embeds_scaling="K+V")
     assert app.kv[0][0] is None and app.kv[1][2] is None  # nothing projected for them either
     calls = []
-    real = comfy_patch.add_image_attention
-    monkeypatch.setattr(comfy_patch, "add_image_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = unet.add_image_attention
+    monkeypatch.setattr(unet, "add_image_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _qkv(2)
     for i in range(3):
         Attn2Replace().add(app, i)(q, k, v, _opts([0, 1], 2))

@@ -41,7 +41,7 @@ class Site:
     @property
     def key(self) -> tuple[str, int, int]:
         """ComfyUI's full attn2 patch key `(block_name, number, transformer_index-in-block)` (the patch may be
-        registered under its first two parts instead: `hosts.comfy_patch.patch_key`)."""
+        registered under its first two parts instead: `hosts.comfy.unet.patch_key`)."""
         return (self.section, self.block_id, self.block_index)
 
 

@@ -1,1 +1,2 @@
-"""Host integrations: the ComfyUI attention patch, the diffusers UNet patch and the diffusers training backbone."""
+"""Host integrations: the ComfyUI patches (`comfy/`, one module per patch point), the diffusers UNet patch and
+the diffusers training backbone."""

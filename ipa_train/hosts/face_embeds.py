@@ -17,7 +17,7 @@ import torch
 from ..adapter.modules import IPAdapter
 from ..adapter.references import combine_clip, reference_weights, token_weights
 from ..errors import IPAKitError
-from .comfy_patch import ImageEmbeds
+from .comfy.unet import ImageEmbeds
 
 
 def _expand(t: torch.Tensor | None, n: int) -> torch.Tensor | None:

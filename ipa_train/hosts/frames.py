@@ -82,7 +82,7 @@ def encode_per_frame(adapter: Any, clip_chunks: Iterable[torch.Tensor], uncond_c
     Only the projected tokens are kept between chunks, so hundreds of frames need the memory of one chunk of
     CLIP hidden states. `uncond_clip` [1 or N, ...] gives the unconditional tokens ([1, T, C] or [N, T, C]).
     """
-    from .comfy_patch import ImageEmbeds
+    from .comfy.unet import ImageEmbeds
 
     conds, done = [], 0
     with torch.no_grad():

@@ -28,7 +28,7 @@ from ipa_train import save_adapter
 from ipa_train.adapter.attention import EMBEDS_SCALING
 from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
 from ipa_train.adapter.weight_types import WEIGHT_TYPES
-from ipa_train.hosts.comfy_patch import Attn2Replace, encode_embeds
+from ipa_train.hosts.comfy.unet import Attn2Replace, encode_embeds
 
 from ..factories import random_adapter
 from .conftest import tiny_comfy_model

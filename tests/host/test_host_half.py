@@ -185,7 +185,7 @@ def test_every_node_twice_leaves_what_it_was_given_unchanged(comfy, kit, half, t
 
 
 def _app(patched):
-    from ipa_train.hosts.comfy_patch import Attn2Replace
+    from ipa_train.hosts.comfy.unet import Attn2Replace
 
     attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     return next(p for p in attn2.values() if isinstance(p, Attn2Replace)).entries[-1][0]
@@ -207,7 +207,7 @@ HALF_TOLERANCE = {"fp16": 2e-3, "bf16": 2e-2, "fp8": 2e-3}
 
 
 def test_half_prediction_matches_fp32_and_weight_zero_is_exact(comfy, kit, half):
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     apply_mod = _mods(kit)["apply"]
     name, model = half
@@ -231,7 +231,7 @@ def test_half_prediction_matches_fp32_and_weight_zero_is_exact(comfy, kit, half)
 
 
 def test_image_kv_cast_once_per_apply_in_the_compute_dtype(comfy, kit, half):
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     apply_mod = _mods(kit)["apply"]
     name, model = half
@@ -265,7 +265,7 @@ def test_training_on_a_half_model_trains_fp32_and_writes_the_fp32_format(comfy, 
     from safetensors import safe_open
 
     from ipa_train.adapter.formats import build_adapter, detect_config, read_adapter_state
-    from ipa_train.hosts.comfy_patch import encode_embeds
+    from ipa_train.hosts.comfy.unet import encode_embeds
 
     m = _mods(kit)
     model = tiny_comfy_model(comfy, "sd15", dtype=DTYPES[name][0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
-from ipa_train.hosts.comfy_patch import encode_embeds
+from ipa_train.hosts.comfy.unet import encode_embeds
 from ipa_train.hosts.diffusers_unet import unet_layer_hidden_sizes
 
 from ..factories import load_into_diffusers, random_adapter

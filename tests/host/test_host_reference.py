@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipa_train.errors import IPAKitError
-from ipa_train.hosts.comfy_patch import encode_embeds
+from ipa_train.hosts.comfy.unet import encode_embeds
 from ipa_train.hosts.frames import encode_per_frame
 
 from . import test_host_patch as _patch

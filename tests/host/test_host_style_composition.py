@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ipa_train.adapter.config import AdapterConfig
-from ipa_train.hosts.comfy_patch import encode_embeds
+from ipa_train.hosts.comfy.unet import encode_embeds
 
 from ..factories import random_adapter
 from .conftest import tiny_comfy_model

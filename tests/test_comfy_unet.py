@@ -11,7 +11,7 @@ from ipa_train.adapter.attention import mask_for_layer
 from ipa_train.adapter.config import AdapterConfig
 from ipa_train.adapter.layout import known_sites
 from ipa_train.adapter.modules import multihead_attention
-from ipa_train.hosts.comfy_patch import (
+from ipa_train.hosts.comfy.unet import (
     CALL_KV_KEY,
     AdapterApplication,
     Attn2Replace,

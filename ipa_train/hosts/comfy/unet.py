@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from ..adapter.attention import EMBEDS_SCALING, add_image_attention, mask_for_layer, scale_image_kv
-from ..adapter.modules import IPAdapter, multihead_attention
-from ..adapter.references import combine_clip, reference_weights, token_weights
-from ..adapter.weight_types import LayerPlan
-from ..errors import IPAKitError
-from . import frames
-from .placement import DeviceCopies, adapter_on, as_device
+from ...adapter.attention import EMBEDS_SCALING, add_image_attention, mask_for_layer, scale_image_kv
+from ...adapter.modules import IPAdapter, multihead_attention
+from ...adapter.references import combine_clip, reference_weights, token_weights
+from ...adapter.weight_types import LayerPlan
+from ...errors import IPAKitError
+from .. import frames
+from ..placement import DeviceCopies, adapter_on, as_device
 
 TextAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 CALL_KV_KEY = "ipakit_kv"  # transformer_options entry holding per-call image K/V of fused applications
