@@ -183,3 +183,30 @@ def init_from_unet(adapter: IPAdapter, unet: Any) -> None:
             attn = _attention_module(unet, name)
             layer.to_k_ip.weight.copy_(attn.to_k.weight)
             layer.to_v_ip.weight.copy_(attn.to_v.weight)
+
+
+def attention_names(unet: Any) -> list[str]:
+    """Every attention processor (attn1 and attn2) in diffusers processor order: FaceID's LoRA numbering."""
+    return [n for n in unet.attn_processors if "motion_modules" not in n]
+
+
+def install_lora(unet: Any, lora: Any) -> list[Any]:
+    """Add `lora.layer(i, p)(x)` to the output of to_p (to_out.0 for out) of attention processor i, with forward
+    hooks (the processors stay as they are: the IP-Adapter one on attn2 adds its image branch before to_out, as
+    tencent's LoRAIPAttnProcessor does). Returns the hook handles; `handle.remove()` takes a hook out."""
+    names = attention_names(unet)
+    if len(names) != len(lora.processors):
+        raise IPAKitError(f"the FaceID LoRA has {len(lora.processors)} attention processors, this UNet {len(names)}; "
+                          "the adapter is for another base model")
+    handles = []
+    for i, name in enumerate(names):
+        attn = _attention_module(unet, name)
+        for proj, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+            term = lora.layer(i, proj)
+            if (term.down.in_features, term.up.out_features) != (linear.in_features, linear.out_features):
+                raise IPAKitError(f"{name}.to_{proj} is [{linear.out_features}, {linear.in_features}] but the FaceID "
+                                  f"LoRA's is [{term.up.out_features}, {term.down.in_features}]; the adapter is for "
+                                  "another base model")
+            handles.append(linear.register_forward_hook(
+                lambda _m, args, out, term=term: out + term(args[0]).to(out.dtype)))
+    return handles
