@@ -106,8 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(vars(args))
     _train_preflight(config)
     if not args.image_encoder and config.projection != "faceid":
-        raise IPAKitError(f"train --projection {config.projection}: --image-encoder is required (the folder or hub id "
-                          "of the CLIP vision model the adapter reads)")
+        raise IPAKitError(f"train --projection {config.projection}: give --image-encoder (the CLIP vision model it reads)")
     analyzer = _face_analyzer(config)
     dataset = load_dataset(args.data, args.captions_json, resolution=config.resolution,
                            random_crop=config.random_crop, random_flip=config.random_flip)
@@ -133,6 +132,9 @@ def _face_analyzer(config) -> typing.Any:
         return None
     from .training.faceid import open_face_models
 
+    if config.projection == "faceid-plusv2" and "plusv2" not in config.name.lower():
+        logger.warning("--name %s: the community pack tells plus v2 from plus by the file name only; a name "
+                       "containing 'plusv2' lets it load this adapter as plus v2", config.name)
     return open_face_models(config.face_models, config.face_provider, config.face_pick)
 
 
@@ -322,8 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train an IP-Adapter on captioned images (also under `accelerate launch`)")
     s.add_argument("--base-model", required=True, help="diffusers Stable Diffusion folder or hub id")
-    s.add_argument("--image-encoder", default=None, help="CLIPVisionModelWithProjection folder or hub id (not needed "
-                   "for --projection faceid)")
+    s.add_argument("--image-encoder", default=None, help="CLIPVisionModelWithProjection folder or hub id (not for faceid)")
     s.add_argument("--data", required=True, help="image folder (.txt captions or metadata.jsonl), or the reference JSON")
     s.add_argument("--captions-json", default=None, help='reference [{"image_file", "text"}] list; --data is then the image root')
     add_train_config_arguments(s)

@@ -219,3 +219,25 @@ def test_cli_faceid_bad_inputs_are_one_line_before_work(tmp_path, pack, tiny_mod
                 "no-onnxruntime": "pip install onnxruntime", "no-face-models": "give --face-models"}[case]
     assert expected in err, err
     assert not (tmp_path / "out" / "ip-adapter.safetensors").exists()
+
+
+def test_resume_restores_the_lora_and_plusv2_trains_on_the_face_crop(tmp_path, pack, tiny_model_dirs):
+    """A FaceID run resumed from its checkpoint ends where the uninterrupted one does (LoRA included); plus v2
+    reads the aligned crop through the image encoder and exports as faceid-plusv2."""
+    dataset = face_dataset(load_dataset(_tiny_faces(tmp_path / "data"), resolution=32), FaceAnalyzer(
+        FaceModels(pack, "cpu")), tmp_path / "cache")
+    whole = train(_config(tmp_path / "a", steps=2), DiffusersBackbone(tiny_model_dirs[0], None, device="cpu"), dataset)
+    train(_config(tmp_path / "b", steps=1), DiffusersBackbone(tiny_model_dirs[0], None, device="cpu"), dataset)
+    resumed = train(_config(tmp_path / "b", steps=2, resume="latest"),
+                    DiffusersBackbone(tiny_model_dirs[0], None, device="cpu"), dataset)
+    assert whole.adapter.lora.keys() == resumed.adapter.lora.keys()
+    for k, t in whole.adapter.lora.items():
+        torch.testing.assert_close(resumed.adapter.lora[k], t, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.adapter.state_dict(), whole.adapter.state_dict(), rtol=0, atol=1e-6)
+
+    plus = face_dataset(load_dataset(tmp_path / "data", resolution=32), FaceAnalyzer(FaceModels(pack, "cpu")),
+                        tmp_path / "cache", crop_size=224)
+    result = train(_config(tmp_path / "c", projection="faceid-plusv2", steps=1),
+                   DiffusersBackbone(*tiny_model_dirs, device="cpu"), plus)
+    loaded = load_adapter(result.adapter_path)
+    assert (loaded.config.projection, loaded.config.encoder, loaded.config.lora_rank) == ("faceid-plusv2", "unknown", 4)
