@@ -191,22 +191,8 @@ def attention_names(unet: Any) -> list[str]:
 
 
 def install_lora(unet: Any, lora: Any) -> list[Any]:
-    """Add `lora.layer(i, p)(x)` to the output of to_p (to_out.0 for out) of attention processor i, with forward
-    hooks (the processors stay as they are: the IP-Adapter one on attn2 adds its image branch before to_out, as
-    tencent's LoRAIPAttnProcessor does). Returns the hook handles; `handle.remove()` takes a hook out."""
+    """A FaceID LoRA on every attention processor of `unet` (`ipa_train.training.faceid.hook_lora`); the handles."""
+    from ..training.faceid import hook_lora
+
     names = attention_names(unet)
-    if len(names) != len(lora.processors):
-        raise IPAKitError(f"the FaceID LoRA has {len(lora.processors)} attention processors, this UNet {len(names)}; "
-                          "the adapter is for another base model")
-    handles = []
-    for i, name in enumerate(names):
-        attn = _attention_module(unet, name)
-        for proj, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
-            term = lora.layer(i, proj)
-            if (term.down.in_features, term.up.out_features) != (linear.in_features, linear.out_features):
-                raise IPAKitError(f"{name}.to_{proj} is [{linear.out_features}, {linear.in_features}] but the FaceID "
-                                  f"LoRA's is [{term.up.out_features}, {term.down.in_features}]; the adapter is for "
-                                  "another base model")
-            handles.append(linear.register_forward_hook(
-                lambda _m, args, out, term=term: out + term(args[0]).to(out.dtype)))
-    return handles
+    return hook_lora([_attention_module(unet, n) for n in names], lora, names)

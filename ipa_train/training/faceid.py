@@ -87,6 +87,26 @@ class FaceLoRA(nn.Module):
                 p.copy_(lora[k].to(p))
 
 
+def hook_lora(attentions: list, lora: FaceLoRA, names: list[str]) -> list:
+    """Add `lora.layer(i, p)(x)` to the output of to_p (to_out[0] for out) of attention module i (in processor
+    order), with forward hooks: the attention code stays the host's, and an IP-Adapter patch on attn2 adds its
+    image branch before to_out, as tencent's LoRAIPAttnProcessor does. Returns the handles (`.remove()`)."""
+    if len(attentions) != len(lora.processors):
+        raise FaceError(f"the FaceID LoRA has {len(lora.processors)} attention processors, this model "
+                        f"{len(attentions)}; the adapter is for another base model")
+    handles = []
+    for i, (attn, name) in enumerate(zip(attentions, names)):
+        for proj, linear in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+            term = lora.layer(i, proj)
+            if (term.down.in_features, term.up.out_features) != (linear.in_features, linear.out_features):
+                raise FaceError(f"{name}.to_{proj} is [{linear.out_features}, {linear.in_features}] but the FaceID "
+                                f"LoRA's is [{term.up.out_features}, {term.down.in_features}]; the adapter is for "
+                                "another base model")
+            handles.append(linear.register_forward_hook(
+                lambda _m, args, out, term=term: out + term(args[0]).to(out.dtype)))
+    return handles
+
+
 # --------------------------------------------------------------------------------------------------------
 # The dataset: images with a face, their cached embeddings and aligned crops
 
