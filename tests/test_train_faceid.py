@@ -179,7 +179,7 @@ def _cli(*args: str):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "ipa_train", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "ipa_train", *args], capture_output=True, text=True, timeout=900)
 
 
 def test_cli_trains_faceid_and_inspect_reports_it(tmp_path, pack, tiny_model_dirs):
