@@ -72,7 +72,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # Flags named differently from their TrainConfig field (the field's own flag stays valid too).
-_FLAG_ALIASES = {"output_dir": ["--output"], "gradient_accumulation": ["--gradient-accumulation-steps"]}
+_FLAG_ALIASES = {"output_dir": ["--output"], "gradient_accumulation": ["--gradient-accumulation-steps"],
+                 "projection": ["--variant"]}
 
 
 def add_train_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,8 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_dict(vars(args))
     _train_preflight(config)
+    if not args.image_encoder and config.projection != "faceid":
+        raise IPAKitError(f"train --projection {config.projection}: give --image-encoder (the CLIP vision model it reads)")
+    analyzer = _face_analyzer(config)
     dataset = load_dataset(args.data, args.captions_json, resolution=config.resolution,
                            random_crop=config.random_crop, random_flip=config.random_flip)
+    if analyzer is not None:
+        from .training.faceid import face_dataset
+
+        dataset = face_dataset(dataset, analyzer, config.output_dir, config.face_crop)
     accelerator = _accelerator(config)
     if accelerator is not None and not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one progress log: the main process's
@@ -116,6 +124,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.adapter_path is not None:
         _out(f"wrote {result.adapter_path} ({result.steps} steps, final loss {result.losses[-1]:.5f})")
     return 0
+
+
+def _face_analyzer(config) -> typing.Any:
+    """FaceID: onnxruntime and the face models, checked before the dataset is read (None for other adapters)."""
+    if not config.is_faceid:
+        return None
+    from .training.faceid import open_face_models
+
+    if config.projection == "faceid-plusv2" and "plusv2" not in config.name.lower():
+        logger.warning("--name %s: the community pack tells plus v2 from plus by the file name only; a name "
+                       "containing 'plusv2' lets it load this adapter as plus v2", config.name)
+    return open_face_models(config.face_models, config.face_provider, config.face_pick)
 
 
 def _train_preflight(config) -> None:
@@ -304,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train an IP-Adapter on captioned images (also under `accelerate launch`)")
     s.add_argument("--base-model", required=True, help="diffusers Stable Diffusion folder or hub id")
-    s.add_argument("--image-encoder", required=True, help="CLIPVisionModelWithProjection folder or hub id")
+    s.add_argument("--image-encoder", default=None, help="CLIPVisionModelWithProjection folder or hub id (not for faceid)")
     s.add_argument("--data", required=True, help="image folder (.txt captions or metadata.jsonl), or the reference JSON")
     s.add_argument("--captions-json", default=None, help='reference [{"image_file", "text"}] list; --data is then the image root')
     add_train_config_arguments(s)

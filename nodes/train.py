@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from .common import CATEGORY, TRAINED_SUBDIR, Adapter, Dataset, logger, pil_to_image
+from .faceid import FaceModels
 
 RUNS_SUBDIR = "ipadapter_kit_runs"  # checkpoints; only final adapters go to output/ipadapter_kit (listed by loaders)
 EVENT = "ipakit.training"
@@ -103,8 +104,10 @@ def _train_inputs() -> list[io.Input]:
         io.Vae.Input("vae", tooltip="Its VAE (frozen): encodes the training images to latents."),
         io.ClipVision.Input("clip_vision", tooltip="The CLIP vision encoder the adapter will use (ViT-H/14 for the official SD1.5 layouts)."),
         Dataset.Input("dataset", tooltip="From IPAKitDataset."),
-        io.Combo.Input("projection", options=["plain", "plus"], default="plain", tooltip=(
-            "plain: 4 tokens from the CLIP image embedding; plus: 16 tokens from the CLIP hidden states (stronger, less diverse).")),
+        io.Combo.Input("projection", options=["plain", "plus", "faceid", "faceid-plus", "faceid-plusv2"], default="plain", tooltip=(
+            "plain: 4 tokens from the CLIP image embedding; plus: 16 tokens from the CLIP hidden states (stronger, less "
+            "diverse); faceid: 4 tokens from each image's face embedding, with a rank-128 LoRA on every attention layer "
+            "(needs face_models); faceid-plus / plusv2: also the CLIP states of the aligned face.")),
         io.Boolean.Input("fusion", default=False, tooltip="Also train the fused-mode layers (image tokens attend to the prompt)."),
         io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps in total (a resumed run continues up to this)."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
@@ -124,6 +127,9 @@ def _train_inputs() -> list[io.Input]:
                      tooltip="Sample the validation prompt and reference every N steps, at the training resolution (0: off)."),
         io.String.Input("validation_prompt", default="", optional=True, tooltip="Prompt of the validation samples."),
         io.Image.Input("validation_image", optional=True, tooltip="Reference image of the validation samples."),
+        FaceModels.Input("face_models", optional=True, tooltip=(
+            "FaceID projections: the face models (Load Face Models (Kit)) that embed each image's face; images "
+            "without a face are skipped.")),
     ]
 
 
@@ -155,11 +161,11 @@ class IPAKitTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size, learning_rate,
                 resolution, drop_text, drop_image, drop_both, seed, save_every, output_name, adapter=None,
-                validate_every=0, validation_prompt="", validation_image=None) -> io.NodeOutput:
+                validate_every=0, validation_prompt="", validation_image=None, face_models=None) -> io.NodeOutput:
         return train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size,
                               learning_rate, resolution, drop_text, drop_image, drop_both, seed, save_every,
                               output_name, adapter, validate_every, validation_prompt, validation_image,
-                              unique_id=cls.hidden.unique_id)
+                              unique_id=cls.hidden.unique_id, face_models=face_models)
 
 
 def _run_config(output_name: str, adapter, **options):
@@ -186,9 +192,24 @@ def _run_config(output_name: str, adapter, **options):
     return name, run_dir, config
 
 
+def _face_data(data, face_models, config):
+    """FaceID: the dataset's images with a face, their embeddings computed once with the connected face models."""
+    if not config.is_faceid:
+        return data
+    from ipa_train.errors import IPAKitError
+    from ipa_train.face import FaceAnalyzer
+    from ipa_train.training.faceid import face_dataset
+
+    if face_models is None:
+        raise IPAKitError(f"IPAKitTrain: projection {config.projection} embeds each image's face: connect Load Face "
+                          "Models (Kit) to face_models")
+    return face_dataset(data, FaceAnalyzer(face_models), config.output_dir, config.face_crop)
+
+
 def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size, learning_rate,
                    resolution, drop_text, drop_image, drop_both, seed, save_every, output_name, adapter=None,
-                   validate_every=0, validation_prompt="", validation_image=None, unique_id=None) -> io.NodeOutput:
+                   validate_every=0, validation_prompt="", validation_image=None, unique_id=None,
+                   face_models=None) -> io.NodeOutput:
     """The training node's work: train against the loaded models, report progress, write the adapter."""
     import comfy.model_management as mm
     import comfy.utils
@@ -206,7 +227,11 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
                                         drop_text=drop_text, drop_image=drop_image, drop_both=drop_both, seed=seed,
                                         save_every=save_every,
                                         mixed_precision=mixed_precision_for(model, mm.get_torch_device()))
-    data = load_dataset(dataset["path"], dataset.get("captions_json"), resolution=resolution)
+    data = _face_data(load_dataset(dataset["path"], dataset.get("captions_json"), resolution=resolution), face_models,
+                      config)
+    if validate_every and config.is_faceid:
+        logger.warning("IPAKitTrain: validation samples are not made for FaceID adapters; sample with Encode Face (Kit)")
+        validate_every = 0
     bar = comfy.utils.ProgressBar(steps, node_id=unique_id)
     samples: list[torch.Tensor] = []
 
@@ -221,8 +246,11 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
                 samples.append(_validate(backbone, model, clip, vae, clip_vision, validation_prompt, validation_image, seed,
                                          resolution))
 
-        result = train(config, backbone, data, should_stop=mm.processing_interrupted, progress=progress,
-                       interrupts=(mm.InterruptProcessingException,))
+        try:
+            result = train(config, backbone, data, should_stop=mm.processing_interrupted, progress=progress,
+                           interrupts=(mm.InterruptProcessingException,))
+        finally:
+            backbone.detach_lora()  # the FaceID LoRA's hooks sit on the user's (shared) UNet modules
 
     status = "stopped" if result.stopped else "done"
     _send(unique_id, {"step": result.steps, "total": steps, "loss": result.losses[-1] if result.losses else float("nan"),
@@ -233,6 +261,7 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
         raise mm.InterruptProcessingException()
     final = os.path.join(folder_paths.get_output_directory(), TRAINED_SUBDIR, f"{name}.safetensors")
     trained = result.adapter.float().eval()
+    trained.lora = {k: v.detach().clone() for k, v in trained.lora.items()}  # FaceID: no longer the trained parameters
     save_adapter(trained, final, {"ipa_kit.trained_steps": str(result.steps)})
     with tempfile.TemporaryDirectory() as tmp:
         curve = _image_tensor(plot_losses(result.losses, os.path.join(tmp, "loss.png"), title=f"{name}: training loss"))

@@ -156,15 +156,35 @@ class ComfyBackbone:
                 layer.to_v_ip.weight.copy_(a.to_v.weight.float().cpu())
 
     @staticmethod
-    def _attn2_modules(unet) -> dict:
+    def _transformer_blocks(unet) -> dict:
         out = {}
         for section, blocks in (("input", list(unet.input_blocks)), ("middle", [unet.middle_block]),
                                 ("output", list(unet.output_blocks))):
             for block_id, block in enumerate(blocks):
                 for layer in block.children():
                     for i, tb in enumerate(getattr(layer, "transformer_blocks", []) or []):
-                        out[(section, 0 if section == "middle" else block_id, i)] = tb.attn2
+                        out[(section, 0 if section == "middle" else block_id, i)] = tb
         return out
+
+    @classmethod
+    def _attn2_modules(cls, unet) -> dict:
+        return {k: tb.attn2 for k, tb in cls._transformer_blocks(unet).items()}
+
+    def attach_lora(self, lora) -> None:
+        """FaceID: the LoRA on attn1 and attn2 of every site (processors 2k and 2k+1, diffusers order), by forward
+        hooks on the shared UNet modules: `detach_lora` must run when training ends."""
+        from ipa_train.training.faceid import hook_lora
+
+        self.detach_lora()
+        blocks = self._transformer_blocks(self.base.get_model_object("diffusion_model"))
+        attentions = [getattr(blocks[site.key], f"attn{n}") for site in self.sites for n in (1, 2)]
+        names = [f"{site.key}.attn{n}" for site in self.sites for n in (1, 2)]
+        self._lora_hooks = hook_lora(attentions, lora, names)
+
+    def detach_lora(self) -> None:
+        for handle in getattr(self, "_lora_hooks", []):
+            handle.remove()
+        self._lora_hooks = []
 
     def attach(self, adapter) -> None:
         from ipa_train.hosts.comfy.unet import AdapterApplication, ImageEmbeds, chain_patches

@@ -232,7 +232,7 @@ def test_v_prediction_target_and_cpu_precision(tmp_path, tiny_model_dirs, caplog
 
 @pytest.mark.parametrize("bad, message", [
     ({"drop_text": 0.5, "drop_image": 0.4, "drop_both": 0.2}, "drop_text \\+ drop_image \\+ drop_both must be <= 1"),
-    ({"projection": "full"}, "projection must be 'plain' or 'plus'"),
+    ({"projection": "full"}, "projection must be one of plain, plus, faceid"),
     ({"resolution": 100}, "multiple of 8"),
     ({"steps": 0}, "steps must be a whole number from 1 to"),
 ])

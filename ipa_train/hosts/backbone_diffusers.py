@@ -20,7 +20,13 @@ from ..adapter.config import ClipOutput
 from ..adapter.modules import IPAdapter
 from ..errors import IPAKitError
 from ..training.train import BackboneSizes, TextCondition
-from .diffusers_unet import DiffusersAdapterPatch, init_from_unet, install_adapter, unet_layer_hidden_sizes
+from .diffusers_unet import (
+    DiffusersAdapterPatch,
+    init_from_unet,
+    install_adapter,
+    install_lora,
+    unet_layer_hidden_sizes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class DiffusersBackbone:
             **self._factories,
         }
         self.patch: DiffusersAdapterPatch | None = None
+        self._lora_hooks: list[Any] = []
         sched = self.get("scheduler")
         self.prediction_type = str(sched.config.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -133,11 +140,14 @@ class DiffusersBackbone:
             return UNet2DConditionModel.from_config(config)
 
     def _vision_config(self) -> Any:
-        """The image encoder's config: of the module in memory, of its factory's meta build, or from its folder."""
+        """The image encoder's config: of the module in memory, of its factory's meta build, or from its folder;
+        None when no image encoder was given (FaceID reads face embeddings only)."""
         if self._models.get("image_encoder") is not None:
             return self._models["image_encoder"].config
         if "image_encoder" in self._factories:
             return self._meta("image_encoder").config
+        if self.image_encoder_path is None:
+            return None
         return self._load_image_encoder(config_only=True)
 
     def _prepare(self, name: str, module: Any) -> Any:
@@ -185,7 +195,8 @@ class DiffusersBackbone:
             self._sizes = BackboneSizes(
                 cross_attention_dim=int(unet.config.cross_attention_dim),
                 layer_hidden_sizes=tuple(unet_layer_hidden_sizes(unet)),
-                clip_dims={"image_embeds": int(vision.projection_dim), "penultimate": int(vision.hidden_size)})
+                clip_dims={} if vision is None else {"image_embeds": int(vision.projection_dim),
+                                                     "penultimate": int(vision.hidden_size)})
         return self._sizes
 
     @property
@@ -238,6 +249,16 @@ class DiffusersBackbone:
         if self.patch is not None:
             self.patch.remove()
         self.patch = install_adapter(self.unet, adapter, weight=1.0, mode="scaled")
+
+    def attach_lora(self, lora: nn.Module) -> None:
+        """Install a FaceID LoRA (`ipa_train.training.faceid.FaceLoRA`) on every attention layer for `predict`."""
+        self.detach_lora()
+        self._lora_hooks = install_lora(self.unet, lora)
+
+    def detach_lora(self) -> None:
+        for handle in self._lora_hooks:
+            handle.remove()
+        self._lora_hooks = []
 
     def detach(self) -> None:
         if self.patch is not None:

@@ -183,3 +183,16 @@ def init_from_unet(adapter: IPAdapter, unet: Any) -> None:
             attn = _attention_module(unet, name)
             layer.to_k_ip.weight.copy_(attn.to_k.weight)
             layer.to_v_ip.weight.copy_(attn.to_v.weight)
+
+
+def attention_names(unet: Any) -> list[str]:
+    """Every attention processor (attn1 and attn2) in diffusers processor order: FaceID's LoRA numbering."""
+    return [n for n in unet.attn_processors if "motion_modules" not in n]
+
+
+def install_lora(unet: Any, lora: Any) -> list[Any]:
+    """A FaceID LoRA on every attention processor of `unet` (`ipa_train.training.faceid.hook_lora`); the handles."""
+    from ..training.faceid import hook_lora
+
+    names = attention_names(unet)
+    return hook_lora([_attention_module(unet, n) for n in names], lora, names)

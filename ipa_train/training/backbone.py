@@ -10,6 +10,7 @@ import torch
 
 from ..adapter.config import ClipOutput
 from ..adapter.modules import IPAdapter
+from ..errors import IPAKitError
 
 # Backbone interface
 
@@ -44,6 +45,9 @@ class BackboneSizes:
     clip_dims: Mapping[str, int]  # {"image_embeds": D of [B, D], "penultimate": D of [B, L, D]}
 
     def clip_embedding_dim(self, output: ClipOutput) -> int:
+        if output not in self.clip_dims:
+            raise IPAKitError(f"this adapter reads the image encoder's {output} output, but no image encoder was given; "
+                              "give one (--image-encoder, or connect a CLIP vision model)")
         return int(self.clip_dims[output])
 
 

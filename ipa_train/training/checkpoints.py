@@ -229,7 +229,11 @@ def load_checkpoint(path: Path, adapter: IPAdapter, optimizer: Any, scheduler: A
                                f"fusion={saved.fusion}) but the options build a {adapter.config.variant} adapter "
                                f"({adapter.config.num_tokens} tokens, fusion={adapter.config.fusion}); resume with the "
                                "options of the original run")
-    adapter.load_state_dict(load_adapter(path / ADAPTER_FILE).state_dict())
+    saved_adapter = load_adapter(path / ADAPTER_FILE)
+    adapter.load_state_dict(saved_adapter.state_dict())
+    with torch.no_grad():
+        for k, p in adapter.lora.items():  # FaceID: the LoRA being trained (live parameters under official keys)
+            p.copy_(saved_adapter.lora[k])
     tensors = load_file(str(path / STATE_TENSORS_FILE))
     _load_optimizer_state(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TrainConfigError
 from .backbone import Backbone, TextCondition
 from .config import TrainConfig
 from .data import CaptionedImages
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 class Batch:
     latents: torch.Tensor  # [B, c, h, w], scaled
     text: TextCondition  # hidden [B, S, C]
-    clip: torch.Tensor  # [B, D] or [B, L, D]
+    clip: torch.Tensor  # [B, D] or [B, L, D]; [B, 0] when the adapter reads no CLIP output (FaceID)
+    face: torch.Tensor | None = None  # FaceID: normalised face embeddings [B, 512] (zeros where the image is dropped)
 
 
 def drop_decisions(n: int, config: TrainConfig, rng: random.Random) -> list[tuple[bool, bool]]:
@@ -58,6 +60,10 @@ class Conditioning:
         self.moments: tuple[torch.Tensor, torch.Tensor] | None = None
         self.clip: torch.Tensor | None = None
         self.text: dict[str, TextCondition] | None = None
+        self.faces: torch.Tensor | None = getattr(dataset, "faces", None) if config.is_faceid else None  # [N, F]
+        if config.is_faceid and self.faces is None:
+            raise TrainConfigError(f"projection {config.projection} trains on face embeddings, but the dataset has none; "
+                                   "build it with ipa_train.training.faceid.face_dataset (the command line does)")
         with torch.no_grad():
             self.empty_text = backbone.encode_text([""]).to("cpu")
             self.dropped_clip = self._dropped_clip()
@@ -66,6 +72,8 @@ class Conditioning:
         self._release(use_cache)
 
     def _dropped_clip(self) -> torch.Tensor:
+        if self.output == "none":
+            return torch.zeros(0)
         if self.output == "image_embeds":
             return torch.zeros(self.backbone.sizes.clip_embedding_dim("image_embeds"))  # [D]
         zeros = torch.zeros(1, 3, 224, 224)  # a zero *normalized* pixel tensor, as the reference drops plus
@@ -77,13 +85,14 @@ class Conditioning:
         clip, means, stds = [], [], []
         for lo in range(0, n, chunk):
             idx = range(lo, min(n, lo + chunk))
-            clip.append(self.backbone.encode_image(torch.stack([self.dataset.clip_input(i) for i in idx]),
-                                                   self.output).float().cpu())
+            if self.output != "none":
+                clip.append(self.backbone.encode_image(torch.stack([self.dataset.clip_input(i) for i in idx]),
+                                                       self.output).float().cpu())
             if self.dataset.deterministic:
                 mean, std = self.backbone.encode_latents(torch.stack([self.dataset.target(i) for i in idx]))
                 means.append(mean.float().cpu())
                 stds.append(std.float().cpu())
-        self.clip = torch.cat(clip)  # [N, D] or [N, L, D]
+        self.clip = torch.cat(clip) if clip else torch.zeros(n, 0)  # [N, D] or [N, L, D]
         if means:
             self.moments = (torch.cat(means), torch.cat(stds))  # [N, c, h, w] each
         captions = sorted({self.dataset.caption(i) for i in range(n)})
@@ -113,7 +122,11 @@ class Conditioning:
             latents = mean + std * torch.randn(mean.shape)  # sampled on CPU: same draws on every device
             text = TextCondition.cat([self._text(i, drop_text) for i, (_, drop_text) in zip(indices, drops)])
             clip = torch.stack([self._clip(i, drop_image) for i, (drop_image, _) in zip(indices, drops)])
-        return Batch(latents.to(device), text.to(device), clip.to(device))
+            face = None
+            if self.faces is not None:
+                face = torch.stack([torch.zeros_like(self.faces[i]) if drop_image else self.faces[i]
+                                    for i, (drop_image, _) in zip(indices, drops)]).to(device)
+        return Batch(latents.to(device), text.to(device), clip.to(device), face)
 
     def _text(self, index: int, drop: bool) -> TextCondition:
         if drop:
@@ -128,6 +141,8 @@ class Conditioning:
             return self.dropped_clip
         if self.clip is not None:
             return self.clip[index]
+        if self.output == "none":
+            return self.dropped_clip
         return self.backbone.encode_image(self.dataset.clip_input(index)[None], self.output)[0].float().cpu()
 
 

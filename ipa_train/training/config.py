@@ -21,7 +21,7 @@ def _help(text: str, **extra: Any) -> dict[str, Any]:
 _INT_RANGES: dict[str, tuple[int, int]] = {
     "num_tokens": (0, 1024), "steps": (1, 10**9), "batch_size": (1, 4096), "gradient_accumulation": (1, 4096),
     "warmup_steps": (0, 10**9), "seed": (0, 2**64 - 1), "save_every": (0, 10**9), "log_every": (0, 10**9),
-    "resolution": (8, 8192), "cache_limit": (0, 10**9), "keep_checkpoints": (0, 10**6),
+    "resolution": (8, 8192), "cache_limit": (0, 10**9), "keep_checkpoints": (0, 10**6), "lora_rank": (1, 4096),
 }
 # Float options: (smallest, largest, smallest excluded). Infinity and NaN are never accepted.
 _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -31,6 +31,9 @@ _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
 }
 _NAME_FORBIDDEN = set('/\\:*?"<>|')
 ADAPTER_SUFFIX = ".safetensors"
+TRAIN_PROJECTIONS = ("plain", "plus", "faceid", "faceid-plus", "faceid-plusv2")
+# FaceID-Plus reads the CLIP states of the face aligned at this size (tencent's norm_crop at 224)
+FACE_PLUS_CROP = 224
 
 
 def _int_check(name: str, value: Any, lo: int, hi: int) -> tuple[bool, str]:
@@ -63,8 +66,10 @@ class TrainConfig:
 
     output_dir: str = field(default="ipa_output", metadata=_help("folder for checkpoints and the final adapter"))
     name: str = field(default="ip-adapter", metadata=_help("file name of the final adapter (without extension)"))
-    projection: Literal["plain", "plus"] = field(
-        default="plain", metadata=_help("plain: CLIP image_embeds -> tokens; plus: Resampler over penultimate hidden states"))
+    projection: Literal["plain", "plus", "faceid", "faceid-plus", "faceid-plusv2"] = field(
+        default="plain", metadata=_help("plain: CLIP image_embeds -> tokens; plus: Resampler over penultimate hidden states; "
+                                        "faceid: face embedding -> 4 tokens, with a LoRA on every attention layer; "
+                                        "faceid-plus / faceid-plusv2: also the CLIP states of the aligned face"))
     num_tokens: int = field(default=0, metadata=_help("image tokens; 0 = 4 for plain, 16 for plus"))
     fusion: bool = field(default=False, metadata=_help("train fused mode: image tokens attend to the prompt (fusion weights trained)"))
     fusion_lambda: float = field(default=0.5, metadata=_help("lambda of the fused forward during training (0.5 as the original fused work)"))
@@ -92,10 +97,21 @@ class TrainConfig:
     resume: str | None = field(default=None, metadata=_help("checkpoint folder to resume from, or 'latest' in output_dir"))
     keep_checkpoints: int = field(default=3, metadata=_help("keep the newest N checkpoints, removing older ones after each "
                                                             "successful save (0: keep all)"))
+    lora_rank: int = field(default=128, metadata=_help("FaceID: rank of the LoRA trained on every attention layer (128 as "
+                                                       "the official FaceID files)"))
+    face_models: str | None = field(default=None, metadata=_help(
+        "FaceID: folder of the InsightFace detector and recognizer ONNX files (models/insightface/models/buffalo_l), "
+        "or the insightface folder holding models/buffalo_l"))
+    face_provider: str = field(default="auto", metadata=_help("FaceID: onnxruntime execution provider (auto, cpu, cuda, "
+                                                              "directml, coreml, ...)"))
+    face_pick: Literal["score", "largest"] = field(default="score", metadata=_help(
+        "FaceID: the face used when an image has several: highest detection score or largest"))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
-            (self.projection in ("plain", "plus"), f"projection must be 'plain' or 'plus', got {self.projection!r}"),
+            (self.projection in TRAIN_PROJECTIONS,
+             f"projection must be one of {', '.join(TRAIN_PROJECTIONS)}, got {self.projection!r}"),
+            (self.face_pick in ("score", "largest"), f"face_pick must be 'score' or 'largest', got {self.face_pick!r}"),
             (self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"),
         ]
@@ -111,12 +127,23 @@ class TrainConfig:
         self.name = normalise_name(self.name)
 
     @property
+    def is_faceid(self) -> bool:
+        return self.projection.startswith("faceid")
+
+    @property
     def tokens(self) -> int:
-        return self.num_tokens or (4 if self.projection == "plain" else 16)
+        return self.num_tokens or (16 if self.projection == "plus" else 4)
 
     @property
     def clip_output(self) -> ClipOutput:
+        if self.projection == "faceid":
+            return "none"
         return "image_embeds" if self.projection == "plain" else "penultimate"
+
+    @property
+    def face_crop(self) -> int:
+        """Side of the aligned face crop the CLIP encoder reads (plus variants), 0 when none is read."""
+        return FACE_PLUS_CROP if self.projection in ("faceid-plus", "faceid-plusv2") else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,8 +3,9 @@
 The reference FaceID training script reads pickled numpy embeddings with `torch.load`; here the cache is one
 `face_embeds.safetensors`: `embeds` [N, 512] raw ArcFace embeddings (normalise with `normed()`), `kps` [N, 5, 2],
 `bbox` [N, 4], `det_score` [N], optionally `crops` [N, S, S, 3] uint8 (the aligned crops the plus variants read),
-and the metadata: the image paths in order (JSON), the recognizer file and its sha256, the crop size. Images without a
-face are left out with one warning naming each.
+and the metadata: the image paths in order (JSON), the recognizer file and its sha256, the crop size, the images
+skipped and the settings it was made with (`cached_face_embeddings` reuses a cache only when they all agree). Images
+without a face are left out with one warning naming each.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ class FaceCache:
     det_score: torch.Tensor
     crops: torch.Tensor | None
     recognizer: str
+    skipped: list[str] = field(default_factory=list)  # "path (why)" of each image left out
 
     def normed(self) -> torch.Tensor:
         return torch.nn.functional.normalize(self.embeds, dim=-1)
@@ -60,8 +62,40 @@ def _read_rgb(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
+def cache_settings(images: Sequence[str | os.PathLike], analyzer, crop_size: int | None) -> str:
+    """What the cached embeddings depend on, as JSON: the images, both models, the detection and the crop."""
+    models = analyzer.models
+    return json.dumps({
+        "files": [os.fspath(p) for p in images], "recognizer_sha256": _sha256(models.recognizer.path),
+        "detector": os.path.basename(models.detector.path), "det_threshold": float(models.detector.threshold),
+        "pick": analyzer.pick, "retry_sizes": list(analyzer.retry_sizes), "crop_size": int(crop_size or 0)})
+
+
+def cached_face_embeddings(images: Sequence[str | os.PathLike], analyzer, out: str | os.PathLike,
+                           crop_size: int | None = None) -> tuple[FaceCache, list[str]]:
+    """The cache at `out` when it was made from these images with these settings, else a new one; also the
+    images skipped (warned about again when the cache is reused)."""
+    settings = cache_settings(images, analyzer, crop_size)
+    if Path(out).is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.fspath(out), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception:  # a damaged cache is simply made again
+            meta = {}
+        if meta.get("settings") == settings:
+            skipped = json.loads(meta.get("skipped", "[]"))
+            if skipped:
+                logger.warning("face embeddings: %d image(s) skipped: %s", len(skipped), "; ".join(skipped))
+            logger.info("face embeddings read from %s", out)
+            return load_face_cache(out), skipped
+    cache = build_face_cache(images, analyzer, out, crop_size, settings)
+    return cache, cache.skipped
+
+
 def build_face_cache(images: Sequence[str | os.PathLike], analyzer, out: str | os.PathLike,
-                     crop_size: int | None = None) -> FaceCache:
+                     crop_size: int | None = None, settings: str = "") -> FaceCache:
     """Detect and embed one face per image (the analyzer's pick), write the cache atomically, return it."""
     rows, files, skipped = [], [], []
     for path in images:
@@ -91,7 +125,8 @@ def build_face_cache(images: Sequence[str | os.PathLike], analyzer, out: str | o
     if crop_size:
         tensors["crops"] = torch.from_numpy(np.stack([f.crops[crop_size] for f in rows]))
     metadata = {"files": json.dumps(files), "recognizer": os.path.basename(rec), "recognizer_sha256": _sha256(rec),
-                "crop_size": str(crop_size or 0), "embedding": "raw ArcFace (normalise for faceid/plus/portrait)"}
+                "crop_size": str(crop_size or 0), "embedding": "raw ArcFace (normalise for faceid/plus/portrait)",
+                "skipped": json.dumps(skipped), "settings": settings}
     atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return load_face_cache(out)
 
@@ -111,4 +146,4 @@ def load_face_cache(path: str | os.PathLike) -> FaceCache:
         raise DatasetError(f"{os.fspath(path)}: {len(files)} files but {tensors['embeds'].shape[0]} embeddings; "
                            "delete it to compute the embeddings again")
     return FaceCache(files, tensors["embeds"], tensors["kps"], tensors["bbox"], tensors["det_score"],
-                     tensors.get("crops"), meta.get("recognizer", ""))
+                     tensors.get("crops"), meta.get("recognizer", ""), json.loads(meta.get("skipped", "[]")))

@@ -54,6 +54,7 @@ from .conditioning import Batch, Conditioning, drop_decisions, sample_indices
 from .config import TrainConfig
 from .data import CaptionedImages
 from .engine import Engine
+from .faceid import attach_face_lora, face_adapter_config, lora_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def resampler_config(cross_dim: int) -> ResamplerConfig:
 def adapter_config_for(config: TrainConfig, backbone: Backbone) -> AdapterConfig:
     """The adapter a from-scratch run trains on `backbone` (from its config-only sizes: nothing is loaded)."""
     sizes = backbone.sizes
+    if config.is_faceid:
+        return face_adapter_config(config, sizes)
     cross = int(sizes.cross_attention_dim)
     return AdapterConfig(
         projection=config.projection,
@@ -102,6 +105,9 @@ def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter:
         return adapter
     loaded = load_adapter(config.init_adapter)
     cfg = loaded.config.replace(fusion=config.fusion or loaded.config.fusion)
+    if cfg.is_faceid != config.is_faceid:
+        raise TrainConfigError(f"{config.init_adapter}: a {cfg.variant} adapter cannot be fine-tuned as {config.projection} "
+                               f"(one reads face embeddings, the other CLIP images); use --projection {cfg.projection}")
     if cfg.projection != config.projection:
         logger.info("fine-tuning %s: projection %r taken from the file (option says %r)",
                     config.init_adapter, cfg.projection, config.projection)
@@ -110,6 +116,7 @@ def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter:
     if unexpected or any(not k.startswith("fusion.") for k in missing):
         raise TrainConfigError(f"{config.init_adapter}: cannot load into a {cfg.variant} adapter "
                                f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    adapter.lora = dict(loaded.lora)
     sizes = backbone.sizes
     hidden = tuple(sizes.layer_hidden_sizes)
     if cfg.layer_hidden_sizes != hidden or cfg.cross_attention_dim != sizes.cross_attention_dim:
@@ -122,17 +129,24 @@ def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter:
 
 class AdapterModel(nn.Module):
     """The trained part of the forward: image tokens (fused with the prompt when training fused mode),
-    then the frozen backbone's prediction. Wrapped by accelerate/DDP when running on several processes."""
+    then the frozen backbone's prediction. Wrapped by accelerate/DDP when running on several processes.
+    FaceID: the tokens come from the face embeddings (and the face crops' CLIP states for plus), and the LoRA the
+    backbone applies is a submodule, so that DDP sees its parameters."""
 
-    def __init__(self, adapter: IPAdapter, backbone: Backbone, fusion_lambda: float | None):
+    def __init__(self, adapter: IPAdapter, backbone: Backbone, fusion_lambda: float | None,
+                 lora: nn.Module | None = None):
         super().__init__()
         self.adapter = adapter
         self.fusion_lambda = fusion_lambda
+        self.lora = lora
         self._backbone = [backbone]  # a list keeps the backbone out of the module tree and state dict
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCondition,
-                clip: torch.Tensor) -> torch.Tensor:
-        tokens = self.adapter.project(clip)  # [B, T, C]
+                clip: torch.Tensor, face: torch.Tensor | None = None) -> torch.Tensor:
+        if face is not None:  # [B, F] (+ clip [B, L, D] for plus; [B, 0] when no CLIP is read)
+            tokens = self.adapter.project_face(face, clip if clip.dim() == 3 else None)
+        else:
+            tokens = self.adapter.project(clip)  # [B, T, C]
         if self.fusion_lambda is not None:
             tokens = self.adapter.fuse(tokens, text.hidden, self.fusion_lambda)  # [B, T, C]
         return self._backbone[0].predict(noisy, timesteps, text, tokens)
@@ -181,7 +195,7 @@ def _loss(model: nn.Module, backbone: Backbone, batch: Batch, engine: Engine) ->
     timesteps = torch.randint(0, backbone.num_train_timesteps, (batch.latents.shape[0],)).to(engine.device)
     noisy = backbone.add_noise(batch.latents, noise, timesteps)
     with engine.autocast():
-        pred = model(noisy, timesteps, batch.text, batch.clip)
+        pred = model(noisy, timesteps, batch.text, batch.clip, batch.face)
     return F.mse_loss(pred.float(), backbone.target(batch.latents, noise, timesteps).float(), reduction="mean")
 
 
@@ -198,6 +212,7 @@ def preflight(config: TrainConfig, backbone: Backbone, main: bool = True) -> Pat
     cfg = load_adapter(config.init_adapter).config if config.init_adapter else adapter_config_for(config, backbone)
     with torch.device("meta"):
         n = IPAdapter(cfg.replace(fusion=cfg.fusion or config.fusion)).num_parameters()
+    n += lora_parameters(cfg, backbone.sizes)
     # A checkpoint holds the fp32 adapter and AdamW's two fp32 moments (12 bytes a parameter); the export 4 more.
     check_output_dir(out, 16 * n + MB, "output folder")
     check_output_dir(out / CHECKPOINTS_DIR, 0, "checkpoint folder")
@@ -228,15 +243,16 @@ def _setup(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, en
     conditioning = Conditioning(backbone, dataset, config)
     adapter = build_adapter(config, backbone).to(engine.device).train()
     backbone.attach(adapter)
+    lora = attach_face_lora(backbone, adapter, engine.device, config.init_adapter or "the adapter")
     if config.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
-    params = adapter.trainable_parameters(include_fusion=config.fusion)
+    params = adapter.trainable_parameters(include_fusion=config.fusion) + (list(lora.parameters()) if lora else [])
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(config.warmup_steps))
     state = LoopState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, adapter, optimizer, scheduler, engine, config)
-    model = AdapterModel(adapter, backbone, config.fusion_lambda if config.fusion else None)
+    model = AdapterModel(adapter, backbone, config.fusion_lambda if config.fusion else None, lora)
     model, optimizer = engine.prepare(model, optimizer)
     logger.info("training a %s adapter%s: %d trainable parameters, %d steps of %d x %d sample(s), %d image(s)",
                 adapter.config.variant, " (fused)" if config.fusion else "", sum(p.numel() for p in params),

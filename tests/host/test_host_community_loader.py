@@ -33,3 +33,25 @@ def test_kit_file_with_fusion_weights_loads_in_community_pack(cubiq, tmp_path, p
     clip = torch.randn(1, 1024) if projection == "plain" else torch.randn(1, 257, 1280)
     with torch.no_grad():
         torch.testing.assert_close(theirs.image_proj_model(clip), ours.project(clip), rtol=1e-4, atol=1e-5)
+
+
+def test_trained_faceid_export_loads_in_community_pack(cubiq, tmp_path):
+    """A FaceID adapter as training exports it (projection, image K/V and the LoRA of every attention processor,
+    saved by the training export) is a FaceID file to the community pack, and its projection gives our tokens."""
+    from ipa_train.training.backbone import BackboneSizes
+    from ipa_train.training.config import TrainConfig
+    from ipa_train.training.faceid import FaceLoRA, face_adapter_config, lora_shapes
+
+    utils, plus_mod = cubiq
+    sizes = BackboneSizes(768, tuple(s.hidden for s in known_sites("sd15")), {})
+    ours = random_adapter(face_adapter_config(TrainConfig(projection="faceid"), sizes), seed=6)
+    lora = FaceLoRA(lora_shapes(sizes), 128)
+    ours.lora = lora.tensors()
+    path = save_adapter(ours, tmp_path / "ip-adapter-faceid-trained.safetensors")
+    model = utils.ipadapter_model_loader(str(path))
+    assert "0.to_q_lora.down.weight" in model["ip_adapter"] and "31.to_out_lora.up.weight" in model["ip_adapter"]
+    theirs = plus_mod.IPAdapter(model, cross_attention_dim=768, output_cross_attention_dim=768, clip_embeddings_dim=512,
+                                clip_extra_context_tokens=4, is_faceid=True)
+    face = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.image_proj_model(face), ours.project_face(face), rtol=1e-4, atol=1e-5)
