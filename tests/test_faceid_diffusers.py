@@ -29,6 +29,33 @@ def _merge_lora(unet, lora: dict[str, torch.Tensor], scale: float = 1.0) -> int:
     return done
 
 
+def _ours_eps(unet, adapter, face, inputs, weight=0.7):
+    sample, t, text, added = inputs
+    embeds = encode_face_embeds(adapter, face)
+    patch = install_adapter(unet, adapter, weight=weight)
+    try:
+        return unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
+    finally:
+        patch.remove()
+
+
+def _diffusers_eps(unet, adapter, face, inputs, weight=0.7, lora=None):
+    """diffusers' FaceID path: its projection and IP processors from the file's groups (plus its LoRA via PEFT)."""
+    sample, t, text, added = inputs
+    sd = adapter.state_dict()
+    groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+    groups["ip_adapter"].update(lora or {})
+    unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
+    if lora:
+        _diffusers_faceid_lora(unet, groups, 1.0)
+    for p in unet.attn_processors.values():
+        if hasattr(p, "scale"):
+            p.scale = [weight]
+    kwargs = dict(added or {})
+    kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
+    return unet(sample, t, text, added_cond_kwargs=kwargs).sample
+
+
 # SD1.5 layout only: the SDXL LoRA names are checked against diffusers' own loader in test_faceid_tokens.py
 CASES = [("sd15", "faceid", 4), ("sd15", "faceid-portrait", 16)]
 
@@ -48,19 +75,8 @@ def test_faceid_noise_prediction_equals_diffusers(kind, projection, tokens):
         assert _merge_lora(unet, lora) == 4 * 2 * len(hidden)
     with torch.no_grad():
         base = unet(sample, t, text, added_cond_kwargs=added).sample
-        embeds = encode_face_embeds(adapter, face)
-        patch = install_adapter(unet, adapter, weight=0.7)
-        ours = unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
-        patch.remove()
-        sd = adapter.state_dict()
-        groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
-        unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
-        for p in unet.attn_processors.values():
-            if hasattr(p, "scale"):
-                p.scale = [0.7]
-        kwargs = dict(added or {})
-        kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
-        ref = unet(sample, t, text, added_cond_kwargs=kwargs).sample
+        ours = _ours_eps(unet, adapter, face, (sample, t, text, added))
+        ref = _diffusers_eps(unet, adapter, face, (sample, t, text, added))
     assert (ours - base).abs().max() > 1e-3
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -96,20 +112,7 @@ def test_faceid_lora_through_peft_equals_ours(kind):
     with torch.no_grad():
         base = unet(sample, t, text, added_cond_kwargs=added).sample
         assert _merge_lora(unet, comfy_lora_state(raw_lora, known_sites(kind))) == 4 * 2 * len(hidden)
-        embeds = encode_face_embeds(adapter, face)
-        patch = install_adapter(unet, adapter, weight=0.7)
-        ours = unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
-        patch.remove()
-        sd = adapter.state_dict()
-        groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
-        groups["ip_adapter"].update(raw_lora)
-        ref_unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
-        _diffusers_faceid_lora(ref_unet, groups, 1.0)
-        for p in ref_unet.attn_processors.values():
-            if hasattr(p, "scale"):
-                p.scale = [0.7]
-        kwargs = dict(added or {})
-        kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
-        ref = ref_unet(sample, t, text, added_cond_kwargs=kwargs).sample
+        ours = _ours_eps(unet, adapter, face, (sample, t, text, added))
+        ref = _diffusers_eps(ref_unet, adapter, face, (sample, t, text, added), lora=raw_lora)
     assert (ours - base).abs().max() > 1e-3
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
