@@ -29,6 +29,33 @@ def _merge_lora(unet, lora: dict[str, torch.Tensor], scale: float = 1.0) -> int:
     return done
 
 
+def _ours_eps(unet, adapter, face, inputs, weight=0.7):
+    sample, t, text, added = inputs
+    embeds = encode_face_embeds(adapter, face)
+    patch = install_adapter(unet, adapter, weight=weight)
+    try:
+        return unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
+    finally:
+        patch.remove()
+
+
+def _diffusers_eps(unet, adapter, face, inputs, weight=0.7, lora=None):
+    """diffusers' FaceID path: its projection and IP processors from the file's groups (plus its LoRA via PEFT)."""
+    sample, t, text, added = inputs
+    sd = adapter.state_dict()
+    groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+    groups["ip_adapter"].update(lora or {})
+    unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
+    if lora:
+        _diffusers_faceid_lora(unet, groups, 1.0)
+    for p in unet.attn_processors.values():
+        if hasattr(p, "scale"):
+            p.scale = [weight]
+    kwargs = dict(added or {})
+    kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
+    return unet(sample, t, text, added_cond_kwargs=kwargs).sample
+
+
 # SD1.5 layout only: the SDXL LoRA names are checked against diffusers' own loader in test_faceid_tokens.py
 CASES = [("sd15", "faceid", 4), ("sd15", "faceid-portrait", 16)]
 
@@ -48,18 +75,44 @@ def test_faceid_noise_prediction_equals_diffusers(kind, projection, tokens):
         assert _merge_lora(unet, lora) == 4 * 2 * len(hidden)
     with torch.no_grad():
         base = unet(sample, t, text, added_cond_kwargs=added).sample
-        embeds = encode_face_embeds(adapter, face)
-        patch = install_adapter(unet, adapter, weight=0.7)
-        ours = unet(sample, t, patch.encoder_hidden_states(text, ip_tokens=embeds.cond), added_cond_kwargs=added).sample
-        patch.remove()
-        sd = adapter.state_dict()
-        groups = {g: {k[len(g) + 1:]: v for k, v in sd.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
-        unet._load_ip_adapter_weights([groups], low_cpu_mem_usage=False)
-        for p in unet.attn_processors.values():
-            if hasattr(p, "scale"):
-                p.scale = [0.7]
-        kwargs = dict(added or {})
-        kwargs["image_embeds"] = [face.expand(sample.shape[0], -1).unsqueeze(1)]  # [B, 1 face, 512]
-        ref = unet(sample, t, text, added_cond_kwargs=kwargs).sample
+        ours = _ours_eps(unet, adapter, face, (sample, t, text, added))
+        ref = _diffusers_eps(unet, adapter, face, (sample, t, text, added))
     assert (ours - base).abs().max() > 1e-3
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def _diffusers_faceid_lora(unet, groups: dict, scale: float = 1.0) -> None:
+    """What diffusers' `load_ip_adapter` does with a FaceID file's LoRA: rename it by the UNet's processor order,
+    load it through PEFT (`faceid_0`) and set its weight."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+
+    extra = unet._load_ip_adapter_loras([groups])
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(extra[0])
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet, adapter_name="faceid_0")
+    unet.set_adapters(["faceid_0"], weights=[scale])
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_faceid_lora_through_peft_equals_ours(kind):
+    """Our FaceID path (the embedded LoRA renamed by our site order and merged at strength 1, our patch) against
+    diffusers' own: its FaceID projection and IP processors, and the LoRA loaded through PEFT at scale 1."""
+    pytest.importorskip("peft")
+    import copy
+
+    unet = tiny_unet(kind)
+    ref_unet = copy.deepcopy(unet)
+    c = unet.config.cross_attention_dim
+    hidden = tuple(unet_layer_hidden_sizes(unet))
+    cfg = AdapterConfig(projection="faceid", num_tokens=4, clip_embedding_dim=512, cross_attention_dim=c,
+                        layer_hidden_sizes=hidden, clip_output="none", face_embedding_dim=512)
+    adapter = random_adapter(cfg, seed=5)
+    raw_lora = random_lora(hidden, c, rank=2, seed=6, scale=0.2)
+    sample, t, text, added = unet_inputs(unet)
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(7)), dim=-1)
+    with torch.no_grad():
+        base = unet(sample, t, text, added_cond_kwargs=added).sample
+        assert _merge_lora(unet, comfy_lora_state(raw_lora, known_sites(kind))) == 4 * 2 * len(hidden)
+        ours = _ours_eps(unet, adapter, face, (sample, t, text, added))
+        ref = _diffusers_eps(ref_unet, adapter, face, (sample, t, text, added), lora=raw_lora)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)

@@ -8,6 +8,7 @@ image branch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,17 +16,20 @@ import torch.nn.functional as F
 from .modules import multihead_attention
 
 Weight = float | torch.Tensor
+# (q, k, v, heads) -> [B, Lq, H*d]: a host's own attention kernel, so the image branch rounds as its text branch
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def image_attention(q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, heads: int) -> torch.Tensor:
-    """Attn(Q, K_i, V_i) split into the host layer's heads: [B, Lq, H*d]."""
+def image_attention(q: torch.Tensor, k_ip: torch.Tensor, v_ip: torch.Tensor, heads: int,
+                    attend: Attend | None = None) -> torch.Tensor:
+    """Attn(Q, K_i, V_i) split into the host layer's heads: [B, Lq, H*d] (torch SDPA unless `attend` is given)."""
     if k_ip.shape[0] != q.shape[0]:
         if k_ip.shape[0] == 1:
             k_ip = k_ip.expand(q.shape[0], -1, -1)
             v_ip = v_ip.expand(q.shape[0], -1, -1)
         else:
             raise ValueError(f"image keys have batch {k_ip.shape[0]} but the query has batch {q.shape[0]}")
-    return multihead_attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype), heads)
+    return (attend or multihead_attention)(q, k_ip.to(q.dtype), v_ip.to(q.dtype), heads)
 
 
 def is_zero(weight: Weight) -> bool:
@@ -42,6 +46,7 @@ def add_image_attention(
     heads: int,
     weight: Weight,
     mask: torch.Tensor | None = None,
+    attend: Attend | None = None,
 ) -> torch.Tensor:
     """`out + weight * Attn(Q, K_i, V_i) [* mask]`; returns `out` itself when the weight is 0 (exact skip).
 
@@ -49,10 +54,11 @@ def add_image_attention(
         out: text attention [B, Lq, H*d].
         weight: a float, or a tensor broadcastable to [B, 1, 1] (one weight per batch row).
         mask: optional [B or 1, Lq, 1] multiplier of the image branch only (attention masks).
+        attend: the attention kernel (default torch SDPA); a host passes the one its own layers use.
     """
     if is_zero(weight):
         return out
-    ip = image_attention(q, k_ip, v_ip, heads)  # [B, Lq, H*d]
+    ip = image_attention(q, k_ip, v_ip, heads, attend)  # [B, Lq, H*d]
     if isinstance(weight, torch.Tensor):
         weight = weight.to(ip.dtype).reshape(-1, 1, 1)
     ip = ip * weight

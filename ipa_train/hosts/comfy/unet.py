@@ -3,8 +3,9 @@
 ComfyUI calls a replace patch as `patch(q, k, v, extra_options)` with q = to_q(x) [B, HW, inner] and
 k/v = to_k/to_v(text) [B, S, inner], and applies `to_out` to what it returns. `extra_options` carries
 `cond_or_uncond` (the order of the cond (0) / uncond (1) chunks in the batch), `sigmas`, `original_shape`,
-`n_heads` and `transformer_options` entries. The node layer injects the host's own text-attention function,
-so that a patch whose image branch is off returns exactly what the unpatched layer computes.
+`n_heads` and `transformer_options` entries. The node layer injects the host's own attention function: the
+text branch then returns exactly what the unpatched layer computes, and the image branch runs on the same kernel
+(ComfyUI's chosen one: sub-quadratic on CPU, SDPA, xformers...), so it rounds as the community pack's does.
 """
 
 from __future__ import annotations
@@ -270,7 +271,9 @@ class AdapterApplication:
             return frames.select_rows(m, cond_or_uncond, q.shape[0], extra_options)
         return self._copies.get(key, make, bounded=True)
 
-    def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, q: torch.Tensor, index: int, extra_options: dict,
+               attention: TextAttention | None = None) -> torch.Tensor:
+        """`out` + this adapter's image term at layer `index`; `attention` is the host's kernel (as for the text)."""
         if self.weights[index] == 0 or not self.active(extra_options):
             return out  # no image-attention work at all
         k, v = self.image_term_kv(index, q, extra_options)
@@ -279,7 +282,9 @@ class AdapterApplication:
             cond_or_uncond = list(extra_options.get("cond_or_uncond") or [0])
             table = self._tensor_on("frame_weights", self.frame_weights, q.device, torch.float32)
             weight = weight * frames.frame_weight_rows(table, cond_or_uncond, q.shape[0], extra_options)
-        return add_image_attention(out, q, k, v, extra_options["n_heads"], weight, self.layer_mask(q, extra_options))
+        attend = None if attention is None else (lambda q_, k_, v_, heads: attention(q_, k_, v_, extra_options))
+        return add_image_attention(out, q, k, v, extra_options["n_heads"], weight, self.layer_mask(q, extra_options),
+                                   attend)
 
 
 def _community_active(kwargs: dict, extra_options: dict) -> bool:
@@ -329,7 +334,7 @@ class Attn2Replace:
         base = self.base if self.base is not None else self.text_attention
         out = base(q, k, v, extra_options)
         for app, index in self.entries:
-            out = app.add_to(out, q, index, extra_options)
+            out = app.add_to(out, q, index, extra_options, self.text_attention)
         for callback, kwargs in self.community:
             if _community_active(kwargs, extra_options):
                 out = out + callback(out, q, k, v, extra_options, **kwargs)
