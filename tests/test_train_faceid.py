@@ -112,10 +112,7 @@ def test_exported_file_has_the_official_layout_and_predicts_the_same_in_diffuser
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from safetensors import safe_open
 
-    from ipa_train.adapter.faceid_lora import comfy_lora_state
-    from ipa_train.adapter.layout import known_sites
     from tests.faceid_factories import FACE_OFFICIAL, face_groups
-    from tests.test_faceid_diffusers import _merge_lora
 
     dataset = face_dataset(load_dataset(_tiny_faces(tmp_path / "data"), resolution=32), FaceAnalyzer(
         FaceModels(pack, "cpu")), tmp_path / "run")
@@ -139,7 +136,8 @@ def test_exported_file_has_the_official_layout_and_predicts_the_same_in_diffuser
                                    requires_safety_checker=False)
     pipe.load_ip_adapter(str(result.adapter_path.parent), subfolder="", weight_name=result.adapter_path.name,
                          image_encoder_folder=None)
-    assert _merge_lora(theirs, comfy_lora_state(adapter.lora, known_sites("sd15"))) == 16 * 2 * 4
+    # diffusers applies the file's LoRA itself through PEFT (a test dependency), at 1.0 as our training forward
+    assert "faceid_0" in getattr(theirs, "peft_config", {}), "diffusers did not load the FaceID LoRA (is peft installed?)"
     g = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 4, 8, 8, generator=g)
     text = torch.randn(2, 5, theirs.config.cross_attention_dim, generator=g)
