@@ -129,3 +129,20 @@ def test_faceid_preset_names_every_missing_file_then_loads_all_three(kit, comfy,
     # the image presets give no face models
     with pytest.raises(IPAKitError, match="ip-adapter_sd15.safetensors not found"):
         presets.IPAKitPresetLoader.execute(model, "standard")
+
+
+def test_apply_refuses_face_embeds_on_an_image_adapter_and_the_reverse(kit, comfy, face_models):
+    from ipa_train.hosts.comfy.unet import ImageEmbeds
+
+    faceid, apply = _mod(kit, "faceid"), _mod(kit, "apply")
+    model = tiny_comfy_model(comfy, "sd15")
+    adapter = _faceid()
+    plain = random_adapter(AdapterConfig(projection="plain", num_tokens=4, clip_embedding_dim=32, cross_attention_dim=768,
+                                         layer_hidden_sizes=tuple(8 for _ in known_sites("sd15"))))
+    face_embeds = faceid.IPAKitEncodeFace.execute(adapter, face_models, _image((64, 96, 96))).result[0]
+    image_embeds = ImageEmbeds(torch.zeros(1, 4, 768), torch.zeros(1, 4, 768), "plain")
+    for a, e, message in ((plain, face_embeds, r"these are FaceID embeds \(faceid\) but the adapter is plain"),
+                          (adapter, image_embeds, r"this faceid adapter needs FaceID embeds from Encode Face")):
+        with pytest.raises(IPAKitError, match=message) as err:
+            apply.IPAKitApply.execute(model, a, e)
+        assert "\n" not in str(err.value)

@@ -23,7 +23,7 @@ STAND_INS = {
     "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
     "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
     "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
-    "ip-adapter-faceid_sd15.bin": "kit_faceid_sd15.safetensors",  # written by write_face_stand_ins
+    "ip-adapter-faceid_sd15.bin": "kit_faceid_lora4_sd15.safetensors",  # written by write_face_stand_ins
     "ip-adapter-faceid-portrait-v11_sd15.bin": "kit_faceid_portrait_sd15.safetensors",
 }
 # the face workflows' reference images -> the ones a requeued run (`changed`) loads instead; all face-like
@@ -146,12 +146,13 @@ def write_face_stand_ins(base: Path) -> None:
     from .test_host_server import CACHE
 
     hidden = tuple(s.hidden for s in known_sites("sd15"))
-    for projection, tokens, name in (("faceid", 4, "kit_faceid_sd15.safetensors"),
+    for projection, tokens, name in (("faceid", 4, "kit_faceid_lora4_sd15.safetensors"),
                                      ("faceid-portrait", 16, "kit_faceid_portrait_sd15.safetensors")):
         path = CACHE / name
         if not path.exists():
             cfg = AdapterConfig(projection=projection, num_tokens=tokens, clip_embedding_dim=512, cross_attention_dim=768,
-                                layer_hidden_sizes=hidden, clip_output="none", face_embedding_dim=512)
+                                layer_hidden_sizes=hidden, clip_output="none", face_embedding_dim=512,
+                                lora_rank=4 if projection == "faceid" else 0)
             adapter = random_adapter(cfg, seed=3)
             if projection == "faceid":
                 adapter.lora = random_lora(hidden, 768, rank=4, seed=3, scale=0.02)
