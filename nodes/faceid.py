@@ -83,6 +83,9 @@ def encode_faces(adapter, face_models, image, clip_vision=None, image_negative=N
     if not adapter.config.is_faceid:
         raise IPAKitError(f"Encode Face (Kit) needs a FaceID adapter; this one is {adapter.config.variant}: use Encode "
                           "Reference Image (Kit) for it")
+    if face_models is None:
+        raise IPAKitError("Encode Face (Kit): face_models is empty; connect Load Face Models (Kit), or the face_models "
+                          "output of Load IP-Adapter Preset (Kit) with a FaceID preset")
     check_face_options(adapter.config, image_negative is not None, faceid_v2_weight)
     plus = adapter.config.clip_output == "penultimate"
     size = crop_size(adapter)

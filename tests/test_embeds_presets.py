@@ -105,5 +105,7 @@ def test_faceid_presets_find_files_and_list_each_missing_one():
     assert len(lines) == 3
     assert "ip-adapter-faceid-plus_sd15.bin -> ComfyUI/models/ipadapter" in lines[0]
     assert "models/clip_vision" in lines[1] and "models/insightface/models/buffalo_l" in lines[2]
+    assert all("(from https://" in line for line in lines), lines  # each line gives its download page
+    assert "det_10g.onnx" in lines[2] and "non-commercial" in lines[2]
     with pytest.raises(IPAKitError, match="no official 'faceid plus' adapter for sdxl"):
         find_faceid_preset("faceid plus", "sdxl", adapters, clips, ["buffalo_l"])

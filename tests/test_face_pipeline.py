@@ -148,7 +148,7 @@ def test_missing_and_wrong_model_folders(tmp_path):
     wrong = tmp_path / "models" / "two_recognizers"
     wrong.mkdir(parents=True)
     write_recognizer(wrong / "det_10g.onnx")  # a recognizer where the detector should be
-    with pytest.raises(FaceError, match=r"no a detector \(SCRFD"):
+    with pytest.raises(FaceError, match=r"no detector \(SCRFD.*among det_10g.onnx"):
         FaceModels(find_model_folder(tmp_path, "two_recognizers"), provider="cpu")
     truncated = tmp_path / "models" / "broken"
     truncated.mkdir(parents=True)

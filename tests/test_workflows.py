@@ -30,10 +30,11 @@ MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 # loader type -> (widget, models/ folder): every file a workflow names must be in its note, with the folder.
 MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "CLIPVisionLoader": ("clip_name", "clip_vision"),
-                 "IPAKitLoadAdapter": ("adapter_file", "ipadapter")}
+                 "IPAKitLoadAdapter": ("adapter_file", "ipadapter"), "IPAKitLoadFaceModels": ("models", "insightface/models")}
 EXPECTED = {
     "ipadapter_generate_scaled", "ipadapter_generate_fused", "ipadapter_scaled_vs_fused_diversity",
     "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep", "ipadapter_animation_per_frame",
+    "ipadapter_faceid", "ipadapter_faceid_portrait",
 }
 
 
@@ -257,7 +258,7 @@ def test_saved_apply_nodes_keep_their_meaning(specs):
 
     spec = specs["IPAKitApply"]
     nodes = [n for path in WORKFLOWS for n in _load(path)["nodes"] if n["type"] == "IPAKitApply"]
-    assert len(nodes) == 6
+    assert len(nodes) == 8
     names = [n for n, d in {**spec["input"]["required"], **spec["input"].get("optional", {})}.items() if _is_widget(d)]
     # the boosts keep their slots; weight_composition and faceid_lora_strength come after them
     assert names[-4:] == ["style_boost", "composition_boost", "weight_composition", "faceid_lora_strength"]

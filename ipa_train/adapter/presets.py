@@ -141,8 +141,11 @@ def find_faceid_preset(preset: str, family: str, adapter_listing: Iterable[str],
         if clip is None:
             missing.append(f"{clip_names[0]} ({encoder}) -> ComfyUI/models/clip_vision (from {published})")
     if face_pack not in set(face_packs):
-        missing.append(f"{face_pack} (det_10g.onnx, w600k_r50.onnx) -> ComfyUI/models/insightface/models/{face_pack}/ "
-                       "(InsightFace model zoo, non-commercial research only)")
+        from ..face.models import PACKS
+
+        files, page = PACKS.get(face_pack, ("a detector and a recognizer .onnx", "the InsightFace model zoo"))
+        missing.append(f"{files} -> ComfyUI/models/insightface/models/{face_pack}/ (from {page}; non-commercial "
+                       "research only)")
     if missing:
         raise IPAKitError(f"FaceID preset '{preset}' ({family}) is missing:\n" + "\n".join(f"  {m}" for m in missing))
     return adapter, clip, face_pack

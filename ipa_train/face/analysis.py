@@ -90,8 +90,9 @@ class FaceAnalyzer:
         if not len(dets):
             return None
         if len(dets) > 1:
-            logger.info("%s: %d faces found, using the %s one", what, len(dets),
-                        "highest-scoring" if self.pick == "score" else "largest")
+            logger.warning("%s: %d faces found, using the %s one; crop the image to the face you mean, or switch "
+                           "pick between score and largest", what, len(dets),
+                           "highest-scoring" if self.pick == "score" else "largest")
         i = self._choose(dets)
         assert self.models.recognizer is not None
         rec = self.models.recognizer

@@ -134,8 +134,8 @@ class FaceModels:
             rec = _recognizer(session, str(path))
             if rec is not None:
                 self.recognizer = self.recognizer or rec
-        missing = [what for what, m in (("a detector (SCRFD, e.g. det_10g.onnx)", self.detector),
-                                        ("a recognizer (ArcFace, e.g. w600k_r50.onnx)", self.recognizer)) if m is None]
+        missing = [what for what, m in (("detector (SCRFD, e.g. det_10g.onnx)", self.detector),
+                                        ("recognizer (ArcFace, e.g. w600k_r50.onnx)", self.recognizer)) if m is None]
         if missing:
             raise FaceError(f"face models in {self.folder}: no {' and no '.join(missing)} among {', '.join(seen) or 'no files'}; "
                             "the folder needs the detector and recognizer ONNX files of buffalo_l or antelopev2")

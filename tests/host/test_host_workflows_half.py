@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .server import prepare_base, running_comfyui
-from .test_host_server import _write_models
-from .workflow_api import run_all_twice
+from .server import running_comfyui
+from .workflow_api import prepare_workflow_base, run_all_twice
 
 
 def _base(comfy, tmp_path):
-    base = prepare_base(tmp_path, _write_models(comfy), reference_name="reference.png")
+    base = prepare_workflow_base(tmp_path, comfy)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (128, 96, 3), dtype=np.uint8)).save(base / "input" / "reference_b.png")
     return base
@@ -32,7 +31,7 @@ def _base(comfy, tmp_path):
     pytest.param(("--fp8_e4m3fn-unet",), 1, marks=pytest.mark.slow),
 ], ids=["fp16-unet", "bf16-unet fp16-text-enc", "fp8-unet"])
 def test_every_workflow_in_sequence_and_requeued(comfy, tmp_path, flags, rounds):
-    """Slow: 14 workflow runs on one server (7 for fp8), a few minutes on 2 CPU cores. (--lowvram and --novram
+    """Slow: 18 workflow runs on one server (9 for fp8), a few minutes on 2 CPU cores. (--lowvram and --novram
     change nothing on CPU, where ComfyUI disables its VRAM states: benchmarks/gpu_workflows.py takes them on a GPU.)"""
     base = _base(comfy, tmp_path)
     with running_comfyui(base, flags) as url:

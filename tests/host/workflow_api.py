@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..face_standins import face_image, write_pack
+from ..faceid_factories import random_lora  # at import: it imports tests.factories, which the host import hides later
+from ..factories import random_adapter
 from .conftest import ROOT
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -20,7 +23,11 @@ STAND_INS = {
     "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
     "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
     "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
+    "ip-adapter-faceid_sd15.bin": "kit_faceid_lora4_sd15.safetensors",  # written by write_face_stand_ins
+    "ip-adapter-faceid-portrait-v11_sd15.bin": "kit_faceid_portrait_sd15.safetensors",
 }
+# the face workflows' reference images -> the ones a requeued run (`changed`) loads instead; all face-like
+FACE_IMAGES = {"face.png": "face_b.png", "face_2.png": "face_2_b.png"}
 NOT_EXECUTED = ("Note", "MarkdownNote")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
@@ -126,6 +133,50 @@ def shrink(prompt: dict, base: Path, size: int = 64, steps: int = 2, light: bool
     return prompt
 
 
+def write_face_stand_ins(base: Path) -> None:
+    """What the FaceID workflows need beside `_write_models`' files: FaceID and portrait adapters in the random SD1.5
+    checkpoint's layout (random weights; the FaceID one with a rank-4 LoRA), the tiny stand-in face models in
+    models/insightface/models/buffalo_l/, and face-like reference images the stand-in detector finds."""
+    from PIL import Image
+
+    from ipa_train import save_adapter
+    from ipa_train.adapter.config import AdapterConfig
+    from ipa_train.adapter.layout import known_sites
+
+    from .test_host_server import CACHE
+
+    hidden = tuple(s.hidden for s in known_sites("sd15"))
+    for projection, tokens, name in (("faceid", 4, "kit_faceid_lora4_sd15.safetensors"),
+                                     ("faceid-portrait", 16, "kit_faceid_portrait_sd15.safetensors")):
+        path = CACHE / name
+        if not path.exists():
+            cfg = AdapterConfig(projection=projection, num_tokens=tokens, clip_embedding_dim=512, cross_attention_dim=768,
+                                layer_hidden_sizes=hidden, clip_output="none", face_embedding_dim=512,
+                                lora_rank=4 if projection == "faceid" else 0)
+            adapter = random_adapter(cfg, seed=3)
+            if projection == "faceid":
+                adapter.lora = random_lora(hidden, 768, rank=4, seed=3, scale=0.02)
+            CACHE.mkdir(parents=True, exist_ok=True)
+            save_adapter(adapter, path)
+        (base / "models" / "ipadapter").mkdir(parents=True, exist_ok=True)
+        (base / "models" / "ipadapter" / name).symlink_to(path)
+    write_pack(base / "models" / "insightface" / "models" / "buffalo_l")
+    faces = {"face.png": (64, 96, 96), "face_2.png": (40, 150, 120), "face_b.png": (100, 60, 110),
+             "face_2_b.png": (30, 30, 150)}
+    for seed, (name, face) in enumerate(faces.items()):
+        Image.fromarray(face_image(240, 320, faces=(face,), seed=seed)).save(base / "input" / name)
+
+
+def prepare_workflow_base(base: Path, comfy, browser: bool = False) -> Path:
+    """A server base directory for the shipped workflows: the random models, reference.png, the face stand-ins."""
+    from .server import prepare_base
+    from .test_host_server import _write_models
+
+    prepare_base(base, _write_models(comfy), reference_name="reference.png", browser=browser)
+    write_face_stand_ins(base)
+    return base
+
+
 def changed(prompt: dict, reference: str) -> dict:
     """The same prompt queued again by a user who changed the inputs: another reference image and other seeds
     (so every node downstream runs again, with the cached adapter)."""
@@ -135,7 +186,7 @@ def changed(prompt: dict, reference: str) -> dict:
     for node in out.values():
         inputs = node["inputs"]
         if node["class_type"] == "LoadImage":
-            inputs["image"] = reference
+            inputs["image"] = FACE_IMAGES.get(inputs["image"], reference)
         for key in ("seed", "noise_seed"):
             if isinstance(inputs.get(key), int):
                 inputs[key] += 1
