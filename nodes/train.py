@@ -99,7 +99,7 @@ def _image_tensor(path) -> torch.Tensor:
 
 def _train_inputs() -> list[io.Input]:
     return [
-        io.Model.Input("model", tooltip="The base model to train against (SD1.5-style). It stays frozen."),
+        io.Model.Input("model", tooltip="The base model to train against (SD1.x/2.x or SDXL). It stays frozen."),
         io.Clip.Input("clip", tooltip="Its text encoder (frozen): encodes the captions."),
         io.Vae.Input("vae", tooltip="Its VAE (frozen): encodes the training images to latents."),
         io.ClipVision.Input("clip_vision", tooltip="The CLIP vision encoder the adapter will use (ViT-H/14 for the official SD1.5 layouts)."),
@@ -270,6 +270,12 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
                          ui={"text": [f"{name}: {result.steps} steps, final loss {result.losses[-1]:.4f} -> {final}"]})
 
 
+def _conditioning(clip, text: str) -> list:
+    """ComfyUI conditioning of one prompt, with the pooled output SDXL's sampling reads."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
 def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed, resolution=512) -> torch.Tensor:
     """Sample the validation prompt with the current adapter (a few steps, 1 image at the training resolution,
     where the adapter learns)."""
@@ -283,8 +289,7 @@ def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed, reso
     with torch.no_grad():
         embeds = encode(adapter, clip_vision, image)
         patched = apply(model, adapter, embeds, "fused" if adapter.fusion is not None else "scaled", 1.0, 0.8)
-        pos = [[clip.encode_from_tokens(clip.tokenize(prompt)), {}]]
-        neg = [[clip.encode_from_tokens(clip.tokenize("")), {}]]
+        pos, neg = (_conditioning(clip, text) for text in (prompt, ""))
         latent = torch.zeros(1, 4, max(8, resolution // 8), max(8, resolution // 8))
         noise = comfy.sample.prepare_noise(latent, seed)
         out = comfy.sample.sample(patched, noise, 12, 6.0, "euler", "normal", pos, neg, latent, seed=seed,

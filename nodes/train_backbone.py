@@ -5,6 +5,10 @@ The UNet runs with this pack's own attn2 patch, and gradients reach the adapter 
 computes the image K/V of every layer from the (trainable) image tokens and hands them to the patch for
 that call only.
 
+SDXL: the pooled text embedding comes from the user's CLIP with the hidden states, each sample's size/crop
+conditioning from the dataset (`time_ids`), and both become the UNet's `y` vector through the model's own
+`encode_adm`, exactly as ComfyUI's samplers condition SDXL.
+
 Memory: sizes are read from the modules' shapes (nothing runs, nothing moves to the device); once every embedding
 is cached, the user's encoders are unloaded from the device through ComfyUI's model management (the models stay
 the user's, in RAM) before the UNet is loaded for training.
@@ -57,6 +61,15 @@ def mixed_precision_for(model, device) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(compute_dtype(model), "no")
 
 
+def _prediction_type(model, model_types) -> str:
+    """epsilon or v_prediction from the MODEL's type; other parameterisations (EDM, flow) are refused."""
+    kind = model.model.model_type
+    if kind in (model_types.EPS, model_types.V_PREDICTION):
+        return "v_prediction" if kind == model_types.V_PREDICTION else "epsilon"
+    raise ValueError(f"this MODEL predicts {kind.name}; training inside ComfyUI supports epsilon and v-prediction "
+                     "checkpoints (SD1.x/SD2.x, SDXL): load one of those as the base model")
+
+
 class ComfyBackbone:
     def __init__(self, model, clip, vae, clip_vision):
         import comfy.model_base
@@ -73,13 +86,12 @@ class ComfyBackbone:
         if not self.sites:
             raise ValueError("this MODEL has no cross-attention layers an IP-Adapter could train on (is it a UNet model?)")
         self.cross_attention_dim = int(context_dim_of_blocks(*blocks))
-        if getattr(model.model, "adm_channels", 0):
+        self.size_conditioning = isinstance(model.model, comfy.model_base.SDXL)  # pooled text + time_ids -> y
+        if getattr(model.model, "adm_channels", 0) and not self.size_conditioning:
             raise ValueError(
-                "training inside ComfyUI supports SD1.x/SD2.x-style models (no pooled-text/size conditioning); "
-                "for SDXL use the command line: python -m ipa_train train --base-model ..."
-            )
-        model_type = model.model.model_type
-        self.prediction_type = "v_prediction" if model_type == comfy.model_base.ModelType.V_PREDICTION else "epsilon"
+                f"this MODEL ({type(model.model).__name__}) takes a conditioning vector other than SDXL's; training "
+                "inside ComfyUI supports SD1.x/SD2.x and SDXL checkpoints: load one of those as the base model")
+        self.prediction_type = _prediction_type(model, comfy.model_base.ModelType)
         sampling = model.get_model_object("model_sampling")
         self.sigmas = sampling.sigmas.detach().float().cpu()  # [1000], sigma of each DDPM timestep
         self.num_train_timesteps = int(self.sigmas.shape[0])
@@ -111,12 +123,18 @@ class ComfyBackbone:
     def encode_text(self, captions: list[str]):
         from ipa_train.training.train import TextCondition
 
-        rows = []
+        rows, pooled = [], []
         with torch.no_grad():
             for caption in captions:
                 tokens = self.clip.tokenize(caption)
-                rows.append(self.clip.encode_from_tokens(tokens).float().cpu())  # [1, 77, C]
-        return TextCondition(hidden=torch.cat(rows))
+                if not self.size_conditioning:
+                    rows.append(self.clip.encode_from_tokens(tokens).float().cpu())  # [1, 77, C]
+                    continue
+                cond, pool = self.clip.encode_from_tokens(tokens, return_pooled=True)  # [1, 77, C], [1, P]
+                rows.append(cond.float().cpu())
+                pooled.append(pool.float().cpu())
+        extra = {"text_embeds": torch.cat(pooled)} if pooled else {}
+        return TextCondition(hidden=torch.cat(rows), extra=extra)
 
     def _clip(self, clip_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cv = self.clip_vision
@@ -211,9 +229,20 @@ class ComfyBackbone:
         to[CALL_KV_KEY] = {self.app.uid: kv}
         to["cond_or_uncond"] = [0]
         unet = m.model.diffusion_model
+        extra = {"y": self._adm(text).to(self.device, dtype)} if self.size_conditioning else {}
         out = unet(noisy.to(self.device, dtype), timesteps.to(self.device).float(),
-                   context=text.hidden.to(self.device, dtype), transformer_options=to)
+                   context=text.hidden.to(self.device, dtype), transformer_options=to, **extra)
         return out.float()
+
+    def _adm(self, text) -> torch.Tensor:
+        """SDXL's `y` [B, P + 6 * 256]: the model's own encode_adm of each sample's pooled text [P] and time_ids [6]
+        (original height/width, crop top/left, target height/width), one row at a time (sizes differ per image)."""
+        rows = []
+        for pooled, ids in zip(text.extra["text_embeds"], text.extra["time_ids"].tolist()):
+            h, w, top, left, th, tw = ids
+            rows.append(self.base.model.encode_adm(pooled_output=pooled[None].float().cpu(), height=h, width=w,
+                                                   crop_h=top, crop_w=left, target_height=th, target_width=tw))
+        return torch.cat(rows)
 
     def release(self, parts: tuple[str, ...]) -> None:
         """Every embedding is cached: unload these encoders from the device so the UNet gets its memory."""

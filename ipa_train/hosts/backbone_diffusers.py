@@ -30,11 +30,15 @@ from .diffusers_unet import (
 
 logger = logging.getLogger(__name__)
 
-_PARTS = {"vae": "vae", "text": "text_encoder", "image": "image_encoder"}
+_PARTS = {"vae": ("vae",), "text": ("text_encoder", "text_encoder_2"), "image": ("image_encoder",)}
 
 
 class DiffusersBackbone:
-    """`ipa_train.training.train.Backbone` for a diffusers Stable Diffusion 1.x/2.x model.
+    """`ipa_train.training.train.Backbone` for a diffusers Stable Diffusion 1.x/2.x or SDXL model.
+
+    SDXL (a UNet with `addition_embed_type="text_time"`): the text is both encoders' penultimate hidden states
+    side by side plus the second encoder's pooled `text_embeds`, as diffusers' SDXL pipeline encodes a prompt;
+    `size_conditioning` asks the training batches for each sample's `time_ids`.
 
     Args:
         base_model: folder or hub id of a diffusers pipeline (subfolders unet, vae, text_encoder, tokenizer,
@@ -43,7 +47,7 @@ class DiffusersBackbone:
         device: where the models run (default: CUDA when available).
         encoder_dtype: dtype of the frozen VAE and encoders (fp16/bf16 under mixed precision); the UNet stays fp32.
         components: already built modules by name (unet, vae, text_encoder, tokenizer, scheduler,
-            image_encoder); those given are not loaded.
+            image_encoder; text_encoder_2 and tokenizer_2 for SDXL); those given are not loaded.
         factories: zero-argument functions building a component, called on first use instead of loading it
             (e.g. random full-size models for benchmarks); the unet and image_encoder factories are also called
             on the meta device (no memory) to read sizes.
@@ -70,12 +74,15 @@ class DiffusersBackbone:
             "vae": lambda: self._from_base("diffusers", "AutoencoderKL", "vae"),
             "text_encoder": lambda: self._from_base("transformers", "CLIPTextModel", "text_encoder"),
             "tokenizer": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer"),
+            "text_encoder_2": lambda: self._from_base("transformers", "CLIPTextModelWithProjection", "text_encoder_2"),
+            "tokenizer_2": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer_2"),
             "scheduler": lambda: self._from_base("diffusers", "DDPMScheduler", "scheduler"),
             "image_encoder": self._load_image_encoder,
             **self._factories,
         }
         self.patch: DiffusersAdapterPatch | None = None
         self._lora_hooks: list[Any] = []
+        self._size_conditioning: bool | None = None
         sched = self.get("scheduler")
         self.prediction_type = str(sched.config.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -176,7 +183,8 @@ class DiffusersBackbone:
         if self.keep_encoders:
             return
         for part in parts:
-            self._models[_PARTS[part]] = None
+            for name in _PARTS[part]:
+                self._models[name] = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -200,6 +208,14 @@ class DiffusersBackbone:
         return self._sizes
 
     @property
+    def size_conditioning(self) -> bool:
+        """SDXL: the UNet takes pooled text and size/crop `time_ids` (read from its config: loads no weights)."""
+        if self._size_conditioning is None:
+            embed = getattr(self._unet_shape().config, "addition_embed_type", None)
+            self._size_conditioning = embed == "text_time"
+        return self._size_conditioning
+
+    @property
     def cross_attention_dim(self) -> int:
         return self.sizes.cross_attention_dim
 
@@ -217,14 +233,21 @@ class DiffusersBackbone:
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         return (dist.mean - shift) * scale, dist.std * scale  # [B, c, h, w] each
 
+    def _token_ids(self, tokenizer: str, captions: list[str]) -> torch.Tensor:
+        tok = self.get(tokenizer)
+        return tok(captions, max_length=tok.model_max_length, padding="max_length", truncation=True,
+                   return_tensors="pt").input_ids.to(self.device)  # [B, S]
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> TextCondition:
-        tok = self.get("tokenizer")
         enc = self.get("text_encoder")
-        ids = tok(captions, max_length=tok.model_max_length, padding="max_length", truncation=True,
-                  return_tensors="pt").input_ids
-        hidden = enc(ids.to(self.device))[0]  # [B, S, C]
-        return TextCondition(hidden.float())
+        ids = self._token_ids("tokenizer", captions)
+        if not self.size_conditioning:
+            return TextCondition(enc(ids)[0].float())  # [B, S, C]
+        enc2 = self.get("text_encoder_2")
+        out2 = enc2(self._token_ids("tokenizer_2", captions), output_hidden_states=True)
+        hidden = torch.cat([enc(ids, output_hidden_states=True).hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        return TextCondition(hidden.float(), {"text_embeds": out2.text_embeds.float()})  # [B, S, C1+C2], [B, P]
 
     @torch.no_grad()
     def encode_image(self, clip_pixels: torch.Tensor, output: ClipOutput) -> torch.Tensor:

@@ -48,7 +48,9 @@ class Conditioning:
     """Gives training batches, from caches built once (small datasets) or by running the encoders per batch.
 
     Every image is encoded once for the cache; the empty prompt and the dropped-image CLIP input are
-    encoded once too. Encoders no longer needed afterwards are released.
+    encoded once too. Encoders no longer needed afterwards are released. For a backbone with
+    `size_conditioning` (SDXL) every sample's text conditioning also gets `time_ids` [B, 6], the size and crop of
+    its own target (`CaptionedImages.target_and_size`), whether or not its caption was dropped.
     """
 
     def __init__(self, backbone: Backbone, dataset: CaptionedImages, config: TrainConfig, chunk: int = 8):
@@ -56,6 +58,8 @@ class Conditioning:
         self.dataset = dataset
         self.config = config
         self.output = config.clip_output
+        self.size_conditioning = bool(getattr(backbone, "size_conditioning", False))
+        self.size_ids: torch.Tensor | None = None  # [N, 6] with cached latents
         use_cache = 0 < len(dataset) <= config.cache_limit
         self.moments: tuple[torch.Tensor, torch.Tensor] | None = None
         self.clip: torch.Tensor | None = None
@@ -82,19 +86,22 @@ class Conditioning:
     def _build_cache(self, chunk: int) -> None:
         n = len(self.dataset)
         started = time.perf_counter()
-        clip, means, stds = [], [], []
+        clip, means, stds, ids = [], [], [], []
         for lo in range(0, n, chunk):
             idx = range(lo, min(n, lo + chunk))
             if self.output != "none":
                 clip.append(self.backbone.encode_image(torch.stack([self.dataset.clip_input(i) for i in idx]),
                                                        self.output).float().cpu())
             if self.dataset.deterministic:
-                mean, std = self.backbone.encode_latents(torch.stack([self.dataset.target(i) for i in idx]))
+                pixels, sizes = zip(*(self.dataset.target_and_size(i) for i in idx))
+                mean, std = self.backbone.encode_latents(torch.stack(pixels))
                 means.append(mean.float().cpu())
                 stds.append(std.float().cpu())
+                ids.extend(sizes)
         self.clip = torch.cat(clip) if clip else torch.zeros(n, 0)  # [N, D] or [N, L, D]
         if means:
             self.moments = (torch.cat(means), torch.cat(stds))  # [N, c, h, w] each
+            self.size_ids = torch.stack(ids)  # [N, 6]
         captions = sorted({self.dataset.caption(i) for i in range(n)})
         text = [self.backbone.encode_text(captions[lo:lo + chunk]).to("cpu") for lo in range(0, len(captions), chunk)]
         cat = TextCondition.cat(text)
@@ -116,11 +123,15 @@ class Conditioning:
         with torch.no_grad():
             if self.moments is not None:
                 mean, std = self.moments[0][indices], self.moments[1][indices]
+                size_ids = self.size_ids[indices]
             else:
-                pixels = torch.stack([self.dataset.target(i, rng) for i in indices])
-                mean, std = (t.float().cpu() for t in self.backbone.encode_latents(pixels))
+                pixels, sizes = zip(*(self.dataset.target_and_size(i, rng) for i in indices))
+                mean, std = (t.float().cpu() for t in self.backbone.encode_latents(torch.stack(pixels)))
+                size_ids = torch.stack(sizes)
             latents = mean + std * torch.randn(mean.shape)  # sampled on CPU: same draws on every device
             text = TextCondition.cat([self._text(i, drop_text) for i, (_, drop_text) in zip(indices, drops)])
+            if self.size_conditioning:
+                text = TextCondition(text.hidden, {**text.extra, "time_ids": size_ids})  # [B, 6]
             clip = torch.stack([self._clip(i, drop_image) for i, (drop_image, _) in zip(indices, drops)])
             face = None
             if self.faces is not None:

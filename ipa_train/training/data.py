@@ -101,10 +101,14 @@ def clip_pixels(img: Image.Image) -> torch.Tensor:
     return (x - mean) / std
 
 
-def target_pixels(img: Image.Image, size: int, random_crop: bool = False, random_flip: bool = False,
-                  rng: random.Random | None = None) -> torch.Tensor:
-    """Training target [3, size, size] in [-1, 1]: bilinear short-side resize, centre (or random) crop, optional flip."""
+def target_and_size(img: Image.Image, size: int, random_crop: bool = False, random_flip: bool = False,
+                    rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training target [3, size, size] in [-1, 1] (bilinear short-side resize, centre or random crop, optional
+    flip) and its SDXL size conditioning [6] = (original height, original width, crop top, crop left, target
+    height, target width): the file's size before the resize, and where the crop starts in the resized image as
+    the target shows it (mirrored for a flipped target: its left edge in the flipped image)."""
     rng = rng or random
+    orig_w, orig_h = img.size
     img = resize_short_side(img.convert("RGB"), size, Image.Resampling.BILINEAR)
     w, h = img.size
     if random_crop:
@@ -114,7 +118,15 @@ def target_pixels(img: Image.Image, size: int, random_crop: bool = False, random
     img = crop(img, size, top, left)
     if random_flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_tensor(img) * 2.0 - 1.0
+        left = w - size - left
+    ids = torch.tensor([orig_h, orig_w, top, left, size, size], dtype=torch.float32)
+    return _to_tensor(img) * 2.0 - 1.0, ids
+
+
+def target_pixels(img: Image.Image, size: int, random_crop: bool = False, random_flip: bool = False,
+                  rng: random.Random | None = None) -> torch.Tensor:
+    """Training target [3, size, size] in [-1, 1]; see `target_and_size`."""
+    return target_and_size(img, size, random_crop, random_flip, rng)[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -313,7 +325,12 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def target(self, index: int, rng: random.Random | None = None) -> torch.Tensor:
         """Target pixels [3, R, R] in [-1, 1]."""
-        return target_pixels(self.open(index), self.resolution, self.random_crop, self.random_flip, rng)
+        return self.target_and_size(index, rng)[0]
+
+    def target_and_size(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target pixels [3, R, R] in [-1, 1] and their size conditioning [6] (`target_and_size`); the same draws
+        from `rng` as `target`."""
+        return target_and_size(self.open(index), self.resolution, self.random_crop, self.random_flip, rng)
 
     def clip_input(self, index: int) -> torch.Tensor:
         """CLIP vision input [3, 224, 224]."""
