@@ -164,18 +164,20 @@ def _app(instantx, weight=1.0):
 def test_a_base_patch_that_ignores_the_block_it_is_given_still_gets_ours(instantx):
     from ipa_train.hosts.comfy.dit import add_to
 
-    def plain(args):
-        return {"img": args["img"] * 2}
+    def plain(args):  # ComfyUI's Flux blocks add into their inputs in place
+        return {"img": args["img"].mul_(2)}
 
     def ours_run(block, active, args, extra):
-        return {"img": args["img"] * 2 + 10 * sum(w for _, _, w in active)}
+        return {"img": args["img"] ** 2 * 2 + 10 * sum(w for _, _, w in active)}
 
-    def peer(args, extra):  # recomputes the block itself, as the InstantX SD3 pack does
-        return {"img": args["img"] * 2 + 1}
+    def peer(args, extra):  # recomputes the block itself, as the InstantX SD3 pack does, in place
+        return {"img": args["img"].mul_(2).add_(1)}
 
     args = {"img": torch.ones(1, 2), "transformer_options": {}}
     patch = add_to(peer, ours_run, object(), (_app(instantx, 0.5), 0))
-    assert torch.equal(patch(args, {"original_block": plain})["img"], torch.full((1, 2), 2.0 + 1 + 5))
+    # the peer's 3, plus ours' change to the block on the block's own input (2 + 5 against 2)
+    assert torch.equal(patch(args, {"original_block": plain})["img"], torch.full((1, 2), 3.0 + 5))
+    args = {"img": torch.ones(1, 2), "transformer_options": {}}
     off = add_to(peer, ours_run, object(), (_app(instantx, 0.0), 0))
     assert torch.equal(off(args, {"original_block": plain})["img"], torch.full((1, 2), 3.0))
 

@@ -21,7 +21,7 @@ from ipa_train.hosts.comfy.dit import BlockPatch, DitEmbeds
 from ipa_train.hosts.comfy.dit_apply import apply_dit
 
 from .. import dit_factories as fac
-from .dit_models import FLUX, SD3, tiny_flux, tiny_sd3
+from .dit_models import FLUX, SD3, randomize, tiny_flux, tiny_sd3
 from .test_host_flux import _inputs as flux_inputs
 from .test_host_flux import _install_instantx, _instantx_tokens, _restore, ref_out
 from .test_host_sd3 import _adapter, _embeds, _state
@@ -135,11 +135,13 @@ def test_sd3_fused_changes_only_the_cond_rows(sd3):
 
 
 def _recording(records):
-    """A spy patch: runs ours, and the unpatched block on the same args, keeping both."""
+    """A spy patch: runs ours, and the unpatched block on copies of the same args (ComfyUI's Flux blocks add into
+    their inputs in place), keeping copies of both."""
     def spy(key, patch):
         def record(block, active, args, extra):
             out = patch.run(block, active, args, extra)
-            records[key] = (out, extra["original_block"](args), args)
+            plain = extra["original_block"]({**args, **{k: args[k].clone() for k in ("img", "txt") if k in args}})
+            records[key] = ({k: v.clone() for k, v in out.items()}, plain, args)
             return out
         return BlockPatch(record, patch.block, patch.entries, patch.base)
     return spy
@@ -154,7 +156,7 @@ def test_flux_kontext_reference_latents_get_no_image_attention(flux, instantx, f
     else:
         _, adapter, embeds = instantx
     inp = flux_inputs()
-    reference = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(9))
+    reference = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(9)).expand(2, -1, -1, -1)
     m = apply_dit(patcher, adapter, embeds, attn_mask=torch.ones(64, 64))
     records = {}
     out = run(m, **inp, spy=_recording(records), ref_latents=[reference])
@@ -203,6 +205,7 @@ def _with_peer(patcher, peer, weight):
     for i, block in enumerate(m.get_model_object("diffusion_model").joint_blocks):
         proc = peer.IPAttnProcessor(hidden_size=hidden, cross_attention_dim=hidden, ip_hidden_states_dim=hidden,
                                     head_dim=head, timesteps_emb_dim=32).eval()
+        randomize(proc, 20 + i)  # its RMS norms start uninitialised (torch.empty)
         m.set_model_patch_replace(peer.JointBlockIPWrapper(block, proc, options), "dit", "double_block", i)
     return m
 

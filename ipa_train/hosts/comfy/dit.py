@@ -223,6 +223,7 @@ class BlockPatch:
     def __call__(self, args: dict, extra: dict) -> dict:
         if self.base is None:
             return self._ours(args, extra)
+        saved = _streams(args)  # ComfyUI's Flux blocks add into their inputs in place; a base may run one on them
         called = []
 
         def ours(a: dict) -> dict:
@@ -232,7 +233,7 @@ class BlockPatch:
         out = self.base(args, {**extra, "original_block": ours})
         if called:
             return out
-        return self._add_our_difference(out, args, extra)
+        return self._add_our_difference(out, {**args, **saved}, extra)
 
     def _add_our_difference(self, out: dict, args: dict, extra: dict) -> dict:
         """The base patch recomputed the block itself and never called the block it was given (the InstantX SD3
@@ -245,7 +246,8 @@ class BlockPatch:
             logger.info("a dit block patch of another node pack does not call the block it is given; the IP-Adapter "
                         "Kit adds its adapters' change to that block on top of that pack's result")
             self._told = True
-        plain, ours = extra["original_block"](args), self._ours(args, extra)
+        ours = self._ours({**args, **_streams(args)}, extra)
+        plain = extra["original_block"]({**args, **_streams(args)})
         return {k: out[k] + (ours[k] - plain[k]) if isinstance(out.get(k), torch.Tensor) else out.get(k) for k in out}
 
     def _ours(self, args: dict, extra: dict) -> dict:
@@ -268,6 +270,11 @@ class BlockPatch:
         if self.base is not None and hasattr(self.base, "to"):
             self.base.to(device)
         return self
+
+
+def _streams(args: dict) -> dict:
+    """Copies of a block call's img / txt streams."""
+    return {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
 
 
 def add_to(existing: Any, run: Callable, block: Any, entry: tuple) -> BlockPatch:
