@@ -89,7 +89,8 @@ def apply_dit(model: Any, adapter: DitAdapter, embeds: DitEmbeds, weight: float 
     if fam == "flux":
         wrapper = DitCallWrapper(app, int(dm.patch_size), restore=restorer(app, patches))
     else:
-        wrapper = DitCallWrapper(app, int(dm.x_embedder.patch_size[0]), prompt_embedder(dm), restorer(app, patches))
+        embed = prompt_embedder(dm, file) if app.fused else None
+        wrapper = DitCallWrapper(app, int(dm.x_embedder.patch_size[0]), embed, restorer(app, patches))
     m.add_wrapper_with_key(APPLY_MODEL, f"ipakit_dit_{app.uid}", wrapper)
     if app.fused:
         logger.info("%s: fused mode with the parameter-free fusion (these files carry no fusion weights)", file)

@@ -83,10 +83,13 @@ def check_mmdit_model(hidden: int, blocks: int, diffusion_model: Any, file: str)
             f"({name}: width {width}, {joint} joint blocks); the InstantX adapter is made for SD3.5 Large: load SD3.5 Large")
 
 
-def prompt_embedder(diffusion_model: Any):
+def prompt_embedder(diffusion_model: Any, file: str = "adapter"):
     """Fused mode: the prompt as the joint blocks see it, in the width of the SD3.5 image tokens (the model's own
     `context_embedder`, in the dtype the model stores its weights in unless those are fp8, which cast on use)."""
-    embed = diffusion_model.context_embedder
+    embed = getattr(diffusion_model, "context_embedder", None)
+    if embed is None:
+        raise IPAKitError(f"{file}: fused mode needs the model's prompt embedding (context_embedder), which this "
+                          "MMDiT model has not: use mode scaled")
     dtype = getattr(diffusion_model, "dtype", None)
 
     def run(text: torch.Tensor) -> torch.Tensor:
