@@ -118,7 +118,7 @@ def apply(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, fus
     """
     if is_dit(adapter):
         return apply_dit_node(model, adapter, embeds, mode, weight, start_at, end_at, layers, layer_weights, attn_mask,
-                              frame_weights, weight_type)
+                              frame_weights, weight_type, fusion_lambda)
     refuse_unet_adapter_on_dit(model, adapter)
     from comfy.patcher_extension import WrappersMP
 

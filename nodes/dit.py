@@ -104,24 +104,32 @@ def block_weights(adapter, layers: str, layer_weights: str) -> list[float]:
     return out
 
 
+def refuse_frames(adapter, what: str, fix: str) -> None:
+    """Per-frame inputs with a Flux / SD3.5 adapter: one line naming the family (these models have no frames)."""
+    from ipa_train.errors import IPAKitError
+
+    family = {"flux": "Flux", "sd3": "SD3.5"}[adapter.config.family]
+    raise IPAKitError(f"{what}: {family} models make one image per latent and have no animation frames, so the "
+                      f"{adapter.config.format} adapter takes no per-frame input; {fix}")
+
+
 def apply_dit_node(model, adapter, embeds, mode: str = "scaled", weight: float = 1.0, start_at: float = 0.0,
                    end_at: float = 1.0, layers: str = "all", layer_weights: str = "", attn_mask=None,
-                   frame_weights=None, weight_type: str = "linear"):
+                   frame_weights=None, weight_type: str = "linear", fusion_lambda: float = 0.8):
     from ipa_train.errors import IPAKitError
     from ipa_train.hosts.comfy.dit import DitEmbeds
     from ipa_train.hosts.comfy.dit_apply import apply_dit
 
     fmt = adapter.config.format
-    unsupported = [name for name, on in (("fused mode", mode != "scaled"), ("attn_mask", attn_mask is not None),
-                                         ("frame_weights", frame_weights is not None),
-                                         (f"weight_type '{weight_type}'", weight_type != "linear")) if on]
-    if unsupported:
-        raise IPAKitError(f"{', '.join(unsupported)}: not available for the {fmt} adapter yet; use mode scaled, "
-                          "weight_type linear, no mask or frame weights")
+    if frame_weights is not None:
+        refuse_frames(adapter, "frame_weights", "disconnect frame_weights")
+    if weight_type != "linear":
+        raise IPAKitError(f"weight_type '{weight_type}' is a SD1.5/SDXL layer table; for the {fmt} adapter use "
+                          "linear, and 'custom' layers with 'index:weight' pairs for per-block weights")
     if not isinstance(embeds, DitEmbeds):
         raise IPAKitError(f"these embeds were encoded for a SD1.5/SDXL adapter; encode the image with this {fmt} adapter")
     return apply_dit(model, adapter, embeds, weight, start_at, end_at, block_weights(adapter, layers, layer_weights),
-                     file=fmt)
+                     file=fmt, attn_mask=attn_mask, mode=mode, fusion_lambda=fusion_lambda)
 
 
 def refuse_unet_adapter_on_dit(model, adapter) -> None:

@@ -70,6 +70,11 @@ class IPAKitEncodeFrames(io.ComfyNode):
 
         from ipa_train.hosts.frames import encode_per_frame
 
+        from .dit import is_dit, refuse_frames
+
+        if is_dit(adapter):
+            refuse_frames(adapter, "Encode Reference Per Frame", "use Encode Reference Image (Kit) (a batch there is "
+                          "several references)")
         bar = comfy.utils.ProgressBar(images.shape[0])
 
         def chunks():

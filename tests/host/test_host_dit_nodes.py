@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,10 +78,31 @@ def test_encode_and_apply_xlabs_through_the_nodes(nodes, comfy):
     dit = m.model_options["transformer_options"]["patches_replace"]["dit"]
     assert sorted(dit) == [("double_block", 0), ("double_block", 1)]
     assert dit[("double_block", 0)].entries[0][0].weights == [0.0, 0.7]
-    with pytest.raises(IPAKitError, match="fused mode: not available"):
-        mods["apply"].apply(patcher, adapter, embeds, mode="fused")
+    fused = mods["apply"].apply(patcher, adapter, embeds, mode="fused", fusion_lambda=0.5)
+    dit = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert dit[("double_block", 0)].entries[0][0].fused
+    for kwargs, words in ((dict(frame_weights=[1.0, 0.5]), "frame_weights: Flux models make one image per latent"),
+                          (dict(weight_type="style transfer"), "weight_type 'style transfer' is a SD1.5/SDXL"),
+                          (dict(attn_mask=torch.ones(2, 8, 8)), "Flux models take one mask")):
+        with pytest.raises(IPAKitError, match=words) as e:
+            mods["apply"].apply(patcher, adapter, embeds, **kwargs)
+        assert "\n" not in str(e.value)
     with pytest.raises(IPAKitError, match="block 5 does not exist"):
         mods["apply"].apply(patcher, adapter, embeds, layers="custom", layer_weights="5:1")
+
+
+def test_per_frame_encoding_and_a_unet_adapter_on_flux_are_refused_by_name(nodes, comfy, kit):
+    mods, folders = nodes
+    adapter, _ = mods["loaders"].load(_xlabs(folders))
+    frames = importlib.import_module(f"{kit.__name__}.nodes.frames")
+    with pytest.raises(IPAKitError, match="Encode Reference Per Frame: Flux models make one image per latent") as e:
+        frames.IPAKitEncodeFrames.execute(adapter, FakeClipVision(), torch.rand(3, 32, 32, 3))
+    assert "\n" not in str(e.value)
+    unet_adapter = SimpleNamespace(config=SimpleNamespace(variant="plain", family="sd15"))  # what the refusal reads
+    _, patcher = tiny_flux(comfy)
+    with pytest.raises(BaseModelMismatchError, match="a UNet\\), but the model is a Flux model") as e:
+        mods["apply"].apply(patcher, unet_adapter, None)
+    assert "\n" not in str(e.value)
 
 
 def test_wrong_encoder_and_wrong_model_are_one_line(nodes, comfy):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ...adapter.dit_attention import flux_image_kv
 from ...adapter.dit_modules import DitAdapter
 from ...adapter.references import combine_clip, reference_weights, token_weights
 from ...errors import IPAKitError
+from .dit_call import CallInfo, call_info, fuse_rows, row_factor
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +91,27 @@ class DitApplication:
         weight: global weight; `block_weights[j]` multiplies it for adapter block j (0: that block is skipped).
         sigma_start, sigma_end: the branch is on while sigma_end <= sigma <= sigma_start.
         heads: the model's attention heads.
+        mask: optional [1, H, W] multiplier of the image term over the generated image (all zeros: off).
+        mode, fusion_lambda: "fused" with lambda < 1 fuses the cond rows' image tokens with their prompt per call.
     """
 
     def __init__(self, adapter: DitAdapter, embeds: DitEmbeds, weight: float, block_weights: Sequence[float],
-                 sigma_start: float = float("inf"), sigma_end: float = 0.0, heads: int = 1):
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, heads: int = 1,
+                 mask: torch.Tensor | None = None, mode: str = "scaled", fusion_lambda: float = 1.0):
+        if mode not in ("scaled", "fused"):
+            raise IPAKitError(f"mode must be 'scaled' or 'fused', got {mode!r}")
         self.adapter, self.embeds, self.heads = adapter, embeds, heads
         self.format = adapter.config.format
-        self.weights = [float(weight) * float(b) for b in block_weights]
+        self.uid = uuid.uuid4().hex
+        off = mask is not None and not bool((mask != 0).any())  # a mask of zeros: the unpatched model exactly
+        self.weights = [0.0 if off else float(weight) * float(b) for b in block_weights]
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self.mask = mask
+        self.fusion_lambda = float(fusion_lambda)
+        self.fused = mode == "fused" and self.fusion_lambda != 1.0
         self._kv: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._tokens: dict[Any, Any] = {}
+        self._factors: dict[Any, torch.Tensor | None] = {}
 
     def __deepcopy__(self, memo: dict) -> DitApplication:
         return self  # holds the adapter and its K/V: model clones share it, nothing in it changes per model
@@ -117,15 +130,49 @@ class DitApplication:
             if timestep is None or len(self._tokens) > 4:
                 self._tokens = {k: v for k, v in self._tokens.items() if k[2] is None}
             e = self.embeds
+            n = e.cond.shape[0]  # the uncond side is combined as the N references, so both have as many tokens
+            uncond = e.uncond if e.uncond.shape[0] == n else e.uncond[:1].expand(n, *e.uncond.shape[1:])
             with torch.no_grad():
                 out = {c: project(self.adapter, feats.to(device), e.method, e.weights, timestep)
-                       for c, feats in ((0, e.cond), (1, e.uncond))}
+                       for c, feats in ((0, e.cond), (1, uncond))}
             self._tokens[key] = {c: (t.to(dtype), None if te is None else te.to(dtype), tw)
                                  for c, (t, te, tw) in out.items()}
         return self._tokens[key]
 
-    def flux_kv(self, j: int, labels: list[int], device: torch.device, dtype: torch.dtype):
-        """Image K/V of adapter block j for the rows of this call: [B, H, T, D] each (computed once per apply)."""
+    def fused_tokens(self, text: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        """Fused mode, once per model call: per-row image tokens [B, T, C] (fp32), the cond rows fused with their
+        prompt `text` [B, S, C] (SD3.5: the tokens of this step)."""
+        labels = chunks_of(transformer_options, text.shape[0])
+        sigma = sigma_of(transformer_options)
+        timestep = None if self.format != "instantx-sd3" else torch.tensor([sigma * 1000.0], device=text.device)
+        toks = self._projected(text.device, torch.float32, timestep)
+        with torch.no_grad():
+            return fuse_rows(row_tensor({c: v[0] for c, v in toks.items()}, labels), text, labels, self.fusion_lambda)
+
+    def call_tokens(self, info: CallInfo | None) -> torch.Tensor | None:
+        return None if info is None else info.fused.get(self.uid)
+
+    def factor(self, info: CallInfo | None, rows: int, lead: int, batch: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor | None:
+        """The per-row multiplier of this application's image term (`dit_call.row_factor`), cached per call shape."""
+        key = (device, dtype, rows, lead, batch, None if info is None else info.grid)
+        if key not in self._factors:
+            if len(self._factors) > 64:
+                self._factors.clear()
+            self._factors[key] = row_factor(self.mask, info, rows, lead, batch, device, dtype)
+        return self._factors[key]
+
+    def flux_kv(self, j: int, labels: list[int], device: torch.device, dtype: torch.dtype,
+                info: CallInfo | None = None):
+        """Image K/V of adapter block j for the rows of this call: [B, H, T, D] each (computed once per apply;
+        in fused mode from this call's fused tokens)."""
+        fused = self.call_tokens(info)
+        if fused is not None:
+            tw = self._projected(device, torch.float32)[0][2]
+            like = next(self.adapter.parameters())
+            with torch.no_grad():
+                k, v = _weighted(flux_image_kv(self.adapter.blocks[j], fused.to(like), self.heads, self.format), tw)
+            return k.to(device, dtype), v.to(device, dtype)
         key = (j, device, dtype)
         if key not in self._kv:
             toks = self._projected(device, dtype)
@@ -135,10 +182,13 @@ class DitApplication:
         kv = self._kv[key]
         return row_tensor({c: kv[c][0] for c in kv}, labels), row_tensor({c: kv[c][1] for c in kv}, labels)
 
-    def sd3_tokens(self, sigma: float, labels: list[int], device: torch.device, dtype: torch.dtype):
-        """Resampler tokens [B, T, C] and time embedding [B, E] of this step, and the value weights (per sigma)."""
+    def sd3_tokens(self, sigma: float, labels: list[int], device: torch.device, dtype: torch.dtype,
+                   info: CallInfo | None = None):
+        """Resampler tokens [B, T, C] and time embedding [B, E] of this step, and the value weights (per sigma);
+        in fused mode the tokens are this call's fused ones."""
         toks = self._projected(device, dtype, torch.tensor([sigma * 1000.0], device=device))
-        tokens = row_tensor({c: v[0] for c, v in toks.items()}, labels)
+        fused = self.call_tokens(info)
+        tokens = row_tensor({c: v[0] for c, v in toks.items()}, labels) if fused is None else fused.to(device, dtype)
         temb = row_tensor({c: v[1] for c, v in toks.items()}, labels)
         return tokens, temb, toks[0][2]
 
@@ -162,6 +212,10 @@ class BlockPatch:
 
     def __init__(self, run: Callable[[Any, list, dict, dict], dict], block: Any, entries: tuple = (), base: Any = None):
         self.run, self.block, self.entries, self.base = run, block, tuple(entries), base
+        self._told = False
+
+    def holds(self, app: DitApplication) -> bool:
+        return any(a is app for a, _ in self.entries) or (isinstance(self.base, BlockPatch) and self.base.holds(app))
 
     def with_entry(self, entry: Any) -> BlockPatch:
         return type(self)(self.run, self.block, self.entries + (entry,), self.base)
@@ -169,11 +223,40 @@ class BlockPatch:
     def __call__(self, args: dict, extra: dict) -> dict:
         if self.base is None:
             return self._ours(args, extra)
-        return self.base(args, {**extra, "original_block": lambda a: self._ours(a, extra)})
+        saved = _streams(args)  # ComfyUI's Flux blocks add into their inputs in place; a base may run one on them
+        called = []
+
+        def ours(a: dict) -> dict:
+            called.append(True)
+            return self._ours(a, extra)
+
+        out = self.base(args, {**extra, "original_block": ours})
+        if called:
+            return out
+        return self._add_our_difference(out, {**args, **saved}, extra)
+
+    def _add_our_difference(self, out: dict, args: dict, extra: dict) -> dict:
+        """The base patch recomputed the block itself and never called the block it was given (the InstantX SD3
+        pack does so): our adapters are added as the change they make to the unpatched block, to first order the
+        same as both terms inside one attention (exact up to the block's MLP on the shifted stream)."""
+        to = args.get("transformer_options") or {}
+        if not any(app.block_weight(j, to) != 0 for app, j in self.entries):
+            return out
+        if not self._told:
+            logger.info("a dit block patch of another node pack does not call the block it is given; the IP-Adapter "
+                        "Kit adds its adapters' change to that block on top of that pack's result")
+            self._told = True
+        ours = self._ours({**args, **_streams(args)}, extra)
+        plain = extra["original_block"]({**args, **_streams(args)})
+        return {k: out[k] + (ours[k] - plain[k]) if isinstance(out.get(k), torch.Tensor) else out.get(k) for k in out}
 
     def _ours(self, args: dict, extra: dict) -> dict:
         to = args.get("transformer_options") or {}
         active = [(app, j, w) for app, j in self.entries if (w := app.block_weight(j, to)) != 0]
+        info = call_info(to)
+        if info is not None:
+            active = [(app, j, w) for app, j, w in active if (app.uid, j) not in info.ran]
+            info.ran.update((app.uid, j) for app, j, _ in active)
         if not active:
             return extra["original_block"](args)
         return self.run(self.block, active, args, extra)
@@ -189,11 +272,28 @@ class BlockPatch:
         return self
 
 
+def _streams(args: dict) -> dict:
+    """Copies of a block call's img / txt streams."""
+    return {k: args[k].clone() for k in ("img", "txt") if isinstance(args.get(k), torch.Tensor)}
+
+
 def add_to(existing: Any, run: Callable, block: Any, entry: tuple) -> BlockPatch:
     """The patch to register at a block: ours extended, or a new one over whatever was there."""
     if isinstance(existing, BlockPatch) and existing.run is run and existing.block is block:
         return existing.with_entry(entry)
     return BlockPatch(run, block, (entry,), existing)
+
+
+def restorer(app: DitApplication, patches: dict) -> Callable[[dict], dict | None]:
+    """For the per-call wrapper: a pack that registers its patch at one of our blocks after us replaces ours; at each
+    call, put ours back on top of it (`add_to`). -> the `dit` patches to use, or None when ours are all there."""
+    sites = {key: (p.run, p.block, p.entries[-1]) for key, p in patches.items()}
+
+    def restore(dit: dict) -> dict | None:
+        missing = {key: add_to(dit.get(key), run, block, entry) for key, (run, block, entry) in sites.items()
+                   if not (isinstance(dit.get(key), BlockPatch) and dit[key].holds(app))}
+        return {**dit, **missing} if missing else None
+    return restore
 
 
 def host_function(block: Any, name: str) -> Callable:

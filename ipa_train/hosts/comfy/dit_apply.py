@@ -12,9 +12,10 @@ from typing import Any
 
 from ...adapter.dit_modules import DitAdapter
 from ...errors import BaseModelMismatchError
-from .dit import BlockPatch, DitApplication, DitEmbeds
+from .dit import BlockPatch, DitApplication, DitEmbeds, restorer
+from .dit_call import APPLY_MODEL, DitCallWrapper, check_mask
 from .flux import check_flux_model, flux_patches
-from .mmdit import check_mmdit_model, mmdit_patches
+from .mmdit import check_mmdit_model, mmdit_patches, prompt_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +48,16 @@ def check_family(adapter: DitAdapter, diffusion_model: Any, file: str) -> str:
 
 
 def apply_dit(model: Any, adapter: DitAdapter, embeds: DitEmbeds, weight: float = 1.0, start_at: float = 0.0,
-              end_at: float = 1.0, block_weights: Sequence[float] | None = None, file: str = "adapter") -> Any:
+              end_at: float = 1.0, block_weights: Sequence[float] | None = None, file: str = "adapter",
+              attn_mask: Any = None, mode: str = "scaled", fusion_lambda: float = 1.0) -> Any:
     """A clone of `model` with the adapter's image attention in every adapted block.
 
     Args:
         start_at, end_at: ComfyUI percents of the sampling, turned into sigmas by the model's own sampling
             (right under SD3's shift).
         block_weights: one multiplier per adapter block (file order: Flux double then single blocks), default 1.
+        attn_mask: optional ComfyUI MASK [H, W] / [1, H, W]: the image term acts where it is white.
+        mode, fusion_lambda: "fused": the image tokens first attend to the prompt (parameter-free), mixed by lambda.
     """
     cfg = adapter.config
     dm = model.get_model_object("diffusion_model")
@@ -72,7 +76,8 @@ def apply_dit(model: Any, adapter: DitAdapter, embeds: DitEmbeds, weight: float 
         raise ValueError(f"{len(weights)} block weights for the {cfg.blocks} blocks of this {cfg.format} adapter")
     sampling = model.get_model_object("model_sampling")
     app = DitApplication(adapter, embeds, weight, weights, sigma_start=float(sampling.percent_to_sigma(start_at)),
-                         sigma_end=float(sampling.percent_to_sigma(end_at)), heads=heads)
+                         sigma_end=float(sampling.percent_to_sigma(end_at)), heads=heads,
+                         mask=check_mask(attn_mask, _FAMILY_LABEL[fam]), mode=mode, fusion_lambda=fusion_lambda)
     m = model.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     patches = flux_patches(dm, existing, app) if fam == "flux" else mmdit_patches(dm, existing, app)
@@ -81,4 +86,12 @@ def apply_dit(model: Any, adapter: DitAdapter, embeds: DitEmbeds, weight: float 
         logger.info("chaining onto %d dit block patches of another node pack (e.g. %s)", len(foreign), foreign[0])
     for (kind, i), patch in patches.items():
         m.set_model_patch_replace(patch, "dit", kind, i)
+    if fam == "flux":
+        wrapper = DitCallWrapper(app, int(dm.patch_size), restore=restorer(app, patches))
+    else:
+        embed = prompt_embedder(dm, file) if app.fused else None
+        wrapper = DitCallWrapper(app, int(dm.x_embedder.patch_size[0]), embed, restorer(app, patches))
+    m.add_wrapper_with_key(APPLY_MODEL, f"ipakit_dit_{app.uid}", wrapper)
+    if app.fused:
+        logger.info("%s: fused mode with the parameter-free fusion (these files carry no fusion weights)", file)
     return m

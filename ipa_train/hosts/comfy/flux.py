@@ -20,6 +20,7 @@ import torch
 from ...adapter.dit_attention import flux_image_attention
 from ...errors import BaseModelMismatchError, IPAKitError
 from .dit import DitApplication, add_to, chunks_of, host_function
+from .dit_call import call_info
 
 
 def _refuse_modulation(block: Any, vec: Any) -> None:
@@ -35,14 +36,21 @@ def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, t
     return q, k, v
 
 
-def _image_terms(active: list, q: torch.Tensor, labels: list[int], fmt: str) -> torch.Tensor | None:
-    """Sum of w * image attention of the active applications of one format: [B, L, C], or None."""
+def _image_terms(active: list, q: torch.Tensor, labels: list[int], fmt: str, to: dict,
+                 lead: int = 0) -> torch.Tensor | None:
+    """Sum of w * image attention [* row factor] of the active applications of one format: [B, L, C], or None.
+
+    q: [B, H, L, D]; `lead` rows (a single block's prompt) come before the image rows (see `dit_call`)."""
+    info = call_info(to)
     total = None
     for app, j, w in active:
         if app.format != fmt:
             continue
-        k_ip, v_ip = app.flux_kv(j, labels, q.device, q.dtype)
+        k_ip, v_ip = app.flux_kv(j, labels, q.device, q.dtype, info)
         term = w * flux_image_attention(q, k_ip, v_ip)
+        factor = app.factor(info, q.shape[2], lead, q.shape[0], q.device, q.dtype)
+        if factor is not None:
+            term = term * factor
         total = term if total is None else total + term
     return total
 
@@ -69,7 +77,7 @@ def run_double(block: Any, active: list, args: dict, extra: dict) -> dict:
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
     labels = chunks_of(to, img.shape[0])
-    inner = _image_terms(active, img_q, labels, "instantx-flux")
+    inner = _image_terms(active, img_q, labels, "instantx-flux", to)
     if inner is not None:
         img_attn = img_attn + inner
     img = img + apply_mod(block.img_attn.proj(img_attn), img_mod1.gate, None, None)
@@ -80,7 +88,7 @@ def run_double(block: Any, active: list, args: dict, extra: dict) -> dict:
                           txt_mod2.gate, None, None)
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
-    after = _image_terms(active, img_q, labels, "xlabs-flux")
+    after = _image_terms(active, img_q, labels, "xlabs-flux", to)
     if after is not None:
         img = img + after
     return {"img": img, "txt": txt}
@@ -97,9 +105,11 @@ def run_single(block: Any, active: list, args: dict, extra: dict) -> dict:
     q, k, v = _heads(qkv, block.num_heads)
     q, k = block.norm(q, k, v)
     attn = attention(q, k, v, pe=pe, mask=args.get("attn_mask"), transformer_options=to)
-    inner = _image_terms(active, q, chunks_of(to, x.shape[0]), "instantx-flux")
+    info = call_info(to)
+    lead = info.text_len if info is not None else 0
+    inner = _image_terms(active, q, chunks_of(to, x.shape[0]), "instantx-flux", to, lead)
     if inner is not None:
-        attn = attn + inner  # every row, text rows too, as the reference
+        attn = attn + inner  # the prompt rows too, as the reference
     if getattr(block, "yak_mlp", False):
         half = block.mlp_hidden_dim_first // 2
         mlp = block.mlp_act(mlp[..., half:]) * mlp[..., :half]

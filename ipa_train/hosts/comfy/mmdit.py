@@ -16,6 +16,7 @@ import torch
 from ...adapter.dit_attention import sd3_image_attention, sd3_image_kv
 from ...errors import BaseModelMismatchError, IPAKitError
 from .dit import DitApplication, add_to, chunks_of, host_function, sigma_of
+from .dit_call import call_info
 
 
 def _raw_qkv(x_block: Any, x: torch.Tensor, c: torch.Tensor):
@@ -35,16 +36,20 @@ def _image_term(active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Sum of w * the SD3.5 image branch over the active applications: [B, L, H*D]."""
     labels = chunks_of(to, q.shape[0])
     sigma = sigma_of(to)
+    info = call_info(to)
     heads = q.shape[2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     total = None
     for app, j, w in active:
         block = app.adapter.blocks[j]
-        tokens, temb, tw = app.sd3_tokens(sigma, labels, q.device, q.dtype)
+        tokens, temb, tw = app.sd3_tokens(sigma, labels, q.device, q.dtype, info)
         k_ip, v_ip = sd3_image_kv(block, tokens, temb, heads)
         if tw is not None:
             v_ip = v_ip * tw.to(v_ip).view(1, 1, -1, 1)
         term = w * sd3_image_attention(block, qh, kh, vh, k_ip, v_ip)
+        factor = app.factor(info, q.shape[1], 0, q.shape[0], q.device, q.dtype)
+        if factor is not None:
+            term = term * factor
         total = term if total is None else total + term
     return total
 
@@ -76,6 +81,22 @@ def check_mmdit_model(hidden: int, blocks: int, diffusion_model: Any, file: str)
         raise BaseModelMismatchError(
             f"{file}: this InstantX SD3.5 adapter (width {hidden}, {blocks} joint blocks) does not fit this model "
             f"({name}: width {width}, {joint} joint blocks); the InstantX adapter is made for SD3.5 Large: load SD3.5 Large")
+
+
+def prompt_embedder(diffusion_model: Any, file: str = "adapter"):
+    """Fused mode: the prompt as the joint blocks see it, in the width of the SD3.5 image tokens (the model's own
+    `context_embedder`, in the dtype the model stores its weights in unless those are fp8, which cast on use)."""
+    embed = getattr(diffusion_model, "context_embedder", None)
+    if embed is None:
+        raise IPAKitError(f"{file}: fused mode needs the model's prompt embedding (context_embedder), which this "
+                          "MMDiT model has not: use mode scaled")
+    dtype = getattr(diffusion_model, "dtype", None)
+
+    def run(text: torch.Tensor) -> torch.Tensor:
+        use = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else text.dtype
+        with torch.no_grad():
+            return embed(text.to(use))
+    return run
 
 
 def mmdit_patches(diffusion_model: Any, existing: dict, app: DitApplication) -> dict[tuple[str, int], Any]:
