@@ -81,14 +81,14 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
-    from tests.host.server import prepare_base, running_comfyui
-    from tests.host.test_host_server import _write_models
+    from tests.host.dit_standins import workflow_base
+    from tests.host.server import running_comfyui
     from tests.host.workflow_api import run_all_twice
 
     base = Path(args.base).resolve() if args.base else Path(tempfile.mkdtemp(prefix="ipakit_gpu_workflows_"))
     if not (base / "custom_nodes").exists():
         base.mkdir(parents=True, exist_ok=True)
-        prepare_base(base, _write_models(comfy), reference_name="reference.png")
+        workflow_base(comfy, base, reference_name="reference.png")
         rng = np.random.default_rng(1)
         Image.fromarray(rng.integers(0, 255, (640, 480, 3), dtype=np.uint8)).save(base / "input" / "reference_b.png")
     flags = shlex.split(args.flags)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
-from .server import get, prepare_base, running_comfyui
-from .test_host_server import _error, _run, _write_models
+from .dit_standins import workflow_base
+from .server import get, running_comfyui
+from .test_host_server import _error, _run
 from .test_host_web import CHROMIUM, CHROMIUM_ARGS, _playwright
 from .workflow_api import STAND_INS, WORKFLOWS, output_nodes, shrink, to_api_prompt
 
@@ -41,8 +42,8 @@ def _saved_with_11_apply_values() -> dict:
 @pytest.fixture(scope="module")
 def browser_server(comfy, tmp_path_factory):
     sync_playwright = _playwright()
-    base = prepare_base(tmp_path_factory.mktemp("comfy_workflows"), _write_models(comfy),
-                        reference_name="reference.png", browser=True)
+    base = workflow_base(comfy, tmp_path_factory.mktemp("comfy_workflows"), reference_name="reference.png",
+                         browser=True)
     with running_comfyui(base) as url:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

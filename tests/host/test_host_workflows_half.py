@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .server import prepare_base, running_comfyui
-from .test_host_server import _write_models
+from .dit_standins import workflow_base
+from .server import running_comfyui
 from .workflow_api import run_all_twice
 
 
 def _base(comfy, tmp_path):
-    base = prepare_base(tmp_path, _write_models(comfy), reference_name="reference.png")
+    base = workflow_base(comfy, tmp_path, reference_name="reference.png")
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (128, 96, 3), dtype=np.uint8)).save(base / "input" / "reference_b.png")
     return base

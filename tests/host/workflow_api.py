@@ -20,6 +20,13 @@ STAND_INS = {
     "v1-5-pruned-emaonly.safetensors": "random_sd15.safetensors",
     "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "random_vitl.safetensors",
     "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
+    # Flux: small models the hook node of dit_standins.py lets the core loaders build
+    "flux1-dev.safetensors": "ipakit_tiny_flux.safetensors",
+    "clip_l.safetensors": "ipakit_tiny_clip_l.safetensors",
+    "t5xxl_fp16.safetensors": "ipakit_tiny_t5xxl.safetensors",
+    "ae.safetensors": "ipakit_random_ae16.safetensors",
+    "clip-vit-large-patch14.safetensors": "random_vitl.safetensors",
+    "flux-ip-adapter-v2.safetensors": "ipakit_tiny_xlabs_v2.safetensors",
 }
 NOT_EXECUTED = ("Note", "MarkdownNote")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
