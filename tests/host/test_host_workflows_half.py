@@ -36,5 +36,20 @@ def test_every_workflow_in_sequence_and_requeued(comfy, tmp_path, flags, rounds)
     change nothing on CPU, where ComfyUI disables its VRAM states: benchmarks/gpu_workflows.py takes them on a GPU.)"""
     base = _base(comfy, tmp_path)
     with running_comfyui(base, flags) as url:
-        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds, light=True)
+        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds, light=True, exclude=HALF_FAILS)
+    assert not failures, "\n".join(failures)
+
+
+# Known failure in our code, not ComfyUI's: the Flux/SD3 block patch runs its adapter copy in the UNet's storage
+# dtype on fp32 tokens when the UNet weights are fp16/bf16 on CPU (ComfyUI then computes in fp32): KSampler fails
+# with "mat1 and mat2 must have the same dtype, but got Float and Half" (ipa_train/hosts/comfy/dit.py flux_kv).
+HALF_FAILS = {"ipadapter_flux": "the DiT patch's adapter copy is fp16 while the tokens are fp32 under --fp16-unet"}
+
+
+@pytest.mark.xfail(strict=True, reason=HALF_FAILS["ipadapter_flux"])
+def test_flux_workflow_under_a_half_precision_unet(comfy, tmp_path):
+    """Strict: passes (and so fails here) once the DiT patch follows the model's compute dtype; then drop HALF_FAILS."""
+    base = _base(comfy, tmp_path)
+    with running_comfyui(base, ("--fp16-unet",)) as url:
+        failures = run_all_twice(url, base, "reference_b.png", rounds=1, light=True, only=HALF_FAILS)
     assert not failures, "\n".join(failures)

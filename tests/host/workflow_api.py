@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .conftest import ROOT
@@ -164,7 +164,7 @@ def run_order() -> list[str]:
 
 def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps: int = 2,
                   report: Callable[[str, int, str, float], None] | None = None, rounds: int = 2,
-                  light: bool = False) -> list[str]:
+                  light: bool = False, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[str]:
     """Each workflow in `run_order()` on the server at `url`, then (rounds=2) each again in reverse order with
     another reference and seeds (`changed`); returns the failures, one line each. report(name, round, error, s)."""
     from .server import get
@@ -173,7 +173,7 @@ def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps:
     info = get(url + "/object_info")
     prompts = {p.stem: shrink(to_api_prompt(json.loads(p.read_text()), info), base, size, steps, light)
                for p in WORKFLOWS}
-    order = run_order()
+    order = [n for n in run_order() if (only is None or n in set(only)) and n not in set(exclude)]
     failures = []
     for round_no, names in enumerate((order, order[::-1])[:rounds], start=1):
         for name in names:
