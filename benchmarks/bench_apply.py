@@ -5,8 +5,10 @@ Prints s/step (`--dtype fp16` / `bf16`: the UNet computing in half precision) fo
 cond and one uncond chunk, exactly what a KSampler step runs), and the overhead ratios, from one run. Then, for
 every weight type, our plain adapter next to the community pack's node (cubiq/ComfyUI_IPAdapter_plus, when
 IPADAPTER_PLUS_PATH names a checkout) with the same adapter file, each against the unpatched model measured in
-the same round-robin.
-Needs a ComfyUI checkout: COMFYUI_PATH=/path/to/ComfyUI [IPADAPTER_PLUS_PATH=...] python benchmarks/bench_apply.py
+the same round-robin. Then the Flux and SD3 rows (bench_dit.py): small random DiTs in ComfyUI's classes, our
+XLabs / InstantX patches against the unpatched model and the peer packs that run here (IPAKIT_PEERS_PATH).
+Needs a ComfyUI checkout: COMFYUI_PATH=/path/to/ComfyUI [IPADAPTER_PLUS_PATH=...] [IPAKIT_PEERS_PATH=...]
+python benchmarks/bench_apply.py [--families sd15,flux,sd3]
 """
 
 from __future__ import annotations
@@ -70,13 +72,13 @@ def load_community_pack():
     return sys.modules["cubiq_ipadapter_plus.IPAdapterPlus"], sys.modules["cubiq_ipadapter_plus.utils"]
 
 
-def round_robin(models: dict, steps: int, x, sigma, ctx) -> dict[str, float]:
+def round_robin(models: dict, steps: int, step) -> dict[str, float]:
     """Fastest step of each model (the one least disturbed by other load), stepping the models in turn so that
-    load drift hits all alike; round 0 warms up."""
+    load drift hits all alike; round 0 warms up. step(model) -> seconds."""
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(steps + 1):
         for name, m in models.items():
-            t = one_step(m, x, sigma, ctx)
+            t = step(m)
             if i:
                 times[name].append(t)
     return {k: min(v) for k, v in times.items()}
@@ -102,7 +104,7 @@ def weight_type_table(patcher, apply_mod, adapter, clip, steps, x, sigma, ctx, t
             models["community"] = community[0].ipadapter_execute(
                 patcher.clone(), theirs_file, None, pos_embed=clip, neg_embed=torch.zeros_like(clip), weight=1.0,
                 weight_type=weight_type)[0]
-        med = round_robin(models, steps, x, sigma, ctx)
+        med = round_robin(models, steps, lambda m: one_step(m, x, sigma, ctx))
         base = med["unpatched"]
         theirs = (f"{med['community']:16.3f} {100 * (med['community'] / base - 1):+9.1f}%" if community is not None
                   else f"{'-':>16} {'-':>10}")
@@ -117,6 +119,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types-steps", type=int, default=4, help="steps per weight type (0 skips the weight-type table)")
+    ap.add_argument("--families", default="sd15,flux,sd3",
+                    help="comma-separated: sd15 (the UNet rows and weight-type table), flux, sd3 (small random DiTs, "
+                         "ours against unpatched and the peer packs that run here; IPAKIT_PEERS_PATH names them)")
+    ap.add_argument("--dit-steps", type=int, default=5, help="steps per model in the Flux / SD3 rows")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="the UNet's weight and compute dtype (fp16/bf16: as ComfyUI runs them on a GPU; on CPU the "
                          "compute is forced to that dtype too, where ComfyUI itself would pick fp32)")
@@ -128,6 +134,18 @@ def main() -> None:
     CLOCK = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     comfy, apply_mod = boot_comfy()
+    families = {f.strip() for f in args.families.split(",") if f.strip()}
+    if "sd15" in families:
+        sd15_rows(comfy, apply_mod, args)
+    from bench_dit import flux_rows, sd3_rows
+
+    for family, rows in (("flux", flux_rows), ("sd3", sd3_rows)):
+        if family in families:
+            rows(comfy, args.dit_steps, CLOCK, round_robin)
+    print("target: at most +10% for ours")
+
+
+def sd15_rows(comfy, apply_mod, args) -> None:
     from diffusers import UNet2DConditionModel
 
     from ipa_train.adapter.config import AdapterConfig, ResamplerConfig
@@ -156,7 +174,7 @@ def main() -> None:
         embeds = encode_embeds(adapter, clip, torch.zeros_like(clip))
         for mode in ("scaled", "fused"):
             models[f"{name} {mode}"] = apply_mod.apply(patcher, adapter, embeds, mode, 1.0, 0.8)
-    med = round_robin(models, args.steps, x, sigma, ctx)
+    med = round_robin(models, args.steps, lambda m: one_step(m, x, sigma, ctx))
     base = med["unpatched"]
     print(f"SD1.5-architecture UNet, 128x128, cfg batch 2, {args.dtype}, {args.threads} threads, {args.clock} clock, "
           f"fastest of {args.steps} steps")

@@ -10,21 +10,23 @@ from .common import CATEGORY, FOLDER, Adapter, logger
 class IPAKitPresetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ipa_train.adapter.presets import FACEID_PRESET_NAMES, PRESET_NAMES
+        from ipa_train.adapter.presets import DIT_PRESET_NAMES, FACEID_PRESET_NAMES, PRESET_NAMES
 
         from .faceid import FaceModels
 
         return io.Schema(
             node_id="IPAKitPresetLoader", display_name="Load IP-Adapter Preset (Kit)", category=f"{CATEGORY}/loaders",
-            description="Finds the official adapter of a preset for the model's family (SD1.5/SDXL) and the CLIP "
-                        "vision model it needs, by their official names (or common renames), and loads both; FaceID "
-                        "presets also load the InsightFace face models (buffalo_l).",
+            description="Finds the official adapter of a preset for the model's family (SD1.5, SDXL, Flux, SD3.5) "
+                        "and the CLIP vision model it needs, by their official names (or common renames), and loads "
+                        "both; FaceID presets also load the InsightFace face models (buffalo_l).",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model; its family (SD1.5 or SDXL) picks the files."),
-                io.Combo.Input("preset", options=list(PRESET_NAMES) + list(FACEID_PRESET_NAMES), default="standard",
-                               tooltip="light, standard, vit-G, plus, plus face, full face (the official h94 files); "
-                                       "faceid, faceid plus, faceid plus v2, faceid portrait, faceid portrait unnorm "
-                                       "(h94/IP-Adapter-FaceID, with the buffalo_l face models)."),
+                io.Model.Input("model", tooltip="The diffusion model; its family (SD1.5, SDXL, Flux, SD3) picks the files."),
+                io.Combo.Input("preset", options=list(PRESET_NAMES) + list(FACEID_PRESET_NAMES) + list(DIT_PRESET_NAMES),
+                               default="standard",
+                               tooltip="SD1.5/SDXL: light, standard, vit-G, plus, plus face, full face (the official h94 "
+                                       "files); faceid, faceid plus, faceid plus v2, faceid portrait, faceid portrait "
+                                       "unnorm (h94/IP-Adapter-FaceID, with the buffalo_l face models). Flux: instantx, "
+                                       "xlabs v1, xlabs v2. SD3.5 Large: instantx."),
             ],
             outputs=[
                 Adapter.Output("adapter", display_name="adapter", tooltip="The preset's adapter."),
@@ -44,14 +46,19 @@ class IPAKitPresetLoader(io.ComfyNode):
 
         from ipa_train.adapter.layout import context_dim_of_blocks
         from ipa_train.adapter.presets import FACEID_PRESETS, family_of_context_dim, find_preset
+        from ipa_train.hosts.comfy.dit_apply import model_family
 
         unet = model.get_model_object("diffusion_model")
-        family = family_of_context_dim(context_dim_of_blocks(unet.input_blocks, unet.middle_block, unet.output_blocks))
+        family = model_family(unet)
+        if family == "unet":
+            family = family_of_context_dim(context_dim_of_blocks(unet.input_blocks, unet.middle_block, unet.output_blocks))
+        elif family == "unknown":
+            family = type(unet).__name__
         if preset in FACEID_PRESETS:
             return faceid_preset(preset, family)
         adapter_name, clip_name, encoder = find_preset(preset, family, folder_paths.get_filename_list(FOLDER),
                                                        folder_paths.get_filename_list("clip_vision"))
-        adapter = load_adapter_file(adapter_name)
+        adapter = load_adapter_file(adapter_name) if family in ("sd15", "sdxl") else _load_dit_file(adapter_name)
         clip_vision = comfy.clip_vision.load(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
         info = f"{preset} ({family}): {adapter_name} + {clip_name} ({encoder})"
         logger.info("IPAKitPresetLoader: %s", info)
@@ -88,6 +95,13 @@ def faceid_preset(preset: str, family: str) -> io.NodeOutput:
     info = f"{preset} ({family}): {adapter_name} + {clip_name or 'no CLIP vision'} + face models {pack}"
     logger.info("IPAKitPresetLoader: %s", info)
     return io.NodeOutput(adapter, clip_vision, info, face_models, ui={"text": [info]})
+
+
+
+def _load_dit_file(name: str):
+    from .loaders import load
+
+    return load(name)[0]
 
 
 def load_adapter_file(name: str):

@@ -109,3 +109,46 @@ def test_faceid_presets_find_files_and_list_each_missing_one():
     assert "det_10g.onnx" in lines[2] and "non-commercial" in lines[2]
     with pytest.raises(IPAKitError, match="no official 'faceid plus' adapter for sdxl"):
         find_faceid_preset("faceid plus", "sdxl", adapters, clips, ["buffalo_l"])
+
+
+DIT_ADAPTERS = ["FLUX.1-dev-IP-Adapter/ip-adapter.bin", "SD3.5-Large-IP-Adapter.bin", "flux-ip-adapter-v2.safetensors",
+                "sub/flux-ip-adapter/ip_adapter.safetensors", "ip-adapter.bin"]
+DIT_CLIPS = ["siglip-so400m-patch14-384/model.safetensors", "sigclip_vision_patch14_384.safetensors",
+             "CLIP-ViT-L-14.safetensors"]
+
+
+@pytest.mark.parametrize("preset,family,adapter,clip", [
+    ("instantx", "flux", "FLUX.1-dev-IP-Adapter/ip-adapter.bin", "siglip-so400m-patch14-384/model.safetensors"),
+    ("instantx", "sd3", "SD3.5-Large-IP-Adapter.bin", "sigclip_vision_patch14_384.safetensors"),
+    ("xlabs v1", "flux", "sub/flux-ip-adapter/ip_adapter.safetensors", "CLIP-ViT-L-14.safetensors"),
+    ("xlabs v2", "flux", "flux-ip-adapter-v2.safetensors", "CLIP-ViT-L-14.safetensors"),
+])
+def test_dit_presets_find_published_names_in_their_folders_and_renames(preset, family, adapter, clip):
+    assert presets.find_preset(preset, family, DIT_ADAPTERS, DIT_CLIPS)[:2] == (adapter, clip)
+
+
+def test_a_bare_published_dit_name_is_not_taken_for_either_instantx_file():
+    """ip-adapter.bin is the published name of both InstantX files: alone it is neither preset's file."""
+    with pytest.raises(IPAKitError, match="FLUX.1-dev-IP-Adapter"):
+        presets.find_preset("instantx", "flux", ["ip-adapter.bin"], DIT_CLIPS)
+    with pytest.raises(IPAKitError, match="SD3.5-Large-IP-Adapter"):
+        presets.find_preset("instantx", "sd3", ["ip-adapter.bin", "FLUX.1-dev-IP-Adapter.bin"], DIT_CLIPS)
+
+
+def test_dit_preset_lists_every_missing_file_with_folder_and_page():
+    with pytest.raises(IPAKitError) as e:
+        presets.find_preset("instantx", "flux", [], ["sigclip_vision_patch14_384.safetensors"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3, lines  # the heading, then one line per missing file
+    assert "ip-adapter.bin -> ComfyUI/models/ipadapter/FLUX.1-dev-IP-Adapter/" in lines[1]
+    assert "huggingface.co/InstantX/FLUX.1-dev-IP-Adapter" in lines[1]
+    assert "siglip-so400m-patch14-384.safetensors" in lines[2] and "models/clip_vision" in lines[2]
+    assert "pooling head" in lines[2] and "google/siglip-so400m-patch14-384" in lines[2]
+    with pytest.raises(IPAKitError, match=r"ViT-L/14.*models/clip_vision.*openai/clip-vit-large-patch14"):
+        presets.find_preset("xlabs v2", "flux", DIT_ADAPTERS, [])
+    with pytest.raises(IPAKitError, match="no official 'xlabs v1' adapter for sd3 models; presets for sd3: instantx"):
+        presets.find_preset("xlabs v1", "sd3", DIT_ADAPTERS, DIT_CLIPS)
+    with pytest.raises(IPAKitError, match="presets for flux: instantx, xlabs v1, xlabs v2"):
+        presets.find_preset("standard", "flux", DIT_ADAPTERS, DIT_CLIPS)
+    with pytest.raises(IPAKitError, match="presets exist for SD1.5, SDXL, Flux and SD3.5 models, not for this WAN21"):
+        presets.find_preset("instantx", "WAN21", DIT_ADAPTERS, DIT_CLIPS)

@@ -28,14 +28,18 @@ VIRTUAL = {"Note": 1, "MarkdownNote": 1, "Reroute": 0, "PrimitiveNode": None}
 FRONTEND_EXTRA_WIDGETS = {"PreviewAny": 3}
 MODEL_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-# loader type -> (widget, models/ folder): every file a workflow names must be in its note, with the folder.
-MODEL_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name", "checkpoints"), "CLIPVisionLoader": ("clip_name", "clip_vision"),
-                 "IPAKitLoadAdapter": ("adapter_file", "ipadapter"), "IPAKitLoadFaceModels": ("models", "insightface/models")}
+# loader type -> the models/ folder of each of its leading widget values: every file a workflow names must be in
+# its note, with the folder.
+MODEL_WIDGETS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
+                 "IPAKitLoadAdapter": ("ipadapter",), "IPAKitLoadFaceModels": ("insightface/models",),
+                 "UNETLoader": ("diffusion_models",), "DualCLIPLoader": ("text_encoders", "text_encoders"),
+                 "VAELoader": ("vae",)}
 EXPECTED = {
     "ipadapter_generate_scaled", "ipadapter_generate_fused", "ipadapter_scaled_vs_fused_diversity",
     "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep", "ipadapter_animation_per_frame",
-    "ipadapter_faceid", "ipadapter_faceid_portrait",
+    "ipadapter_faceid", "ipadapter_faceid_portrait", "ipadapter_flux",
 }
+DIT_WORKFLOWS = {"ipadapter_flux"}
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +224,8 @@ def test_note_names_the_model_files_and_folders(path):
     text = "\n".join(notes)
     files = []
     for n in wf["nodes"]:
-        if n["type"] in MODEL_WIDGETS:
-            widget, folder = MODEL_WIDGETS[n["type"]]
-            files.append(f"models/{folder}/{n['widgets_values'][0]}")
+        for folder, value in zip(MODEL_WIDGETS.get(n["type"], ()), n.get("widgets_values", [])):
+            files.append(f"models/{folder}/{value}")
     assert files, f"{path.name}: loads no model file"
     for f in files:
         assert f in text, f"{path.name}: the note does not say {f}"
@@ -257,7 +260,9 @@ def test_saved_apply_nodes_keep_their_meaning(specs):
     from ipa_train.adapter.weight_types import WEIGHT_TYPES, application_plans, second_weight
 
     spec = specs["IPAKitApply"]
-    nodes = [n for path in WORKFLOWS for n in _load(path)["nodes"] if n["type"] == "IPAKitApply"]
+    # the UNet workflows (the Flux one's apply node reads no weight type or boost)
+    nodes = [n for path in WORKFLOWS if path.stem not in DIT_WORKFLOWS for n in _load(path)["nodes"]
+             if n["type"] == "IPAKitApply"]
     assert len(nodes) == 8
     names = [n for n, d in {**spec["input"]["required"], **spec["input"].get("optional", {})}.items() if _is_widget(d)]
     # the boosts keep their slots; weight_composition and faceid_lora_strength come after them

@@ -61,19 +61,40 @@ def family_of_context_dim(context_dim: int | None) -> str:
     return family
 
 
+def _no_preset(preset: str, family: str) -> str:
+    have = ", ".join(p for table in (PRESETS, DIT_PRESETS) for p, fams in table.items() if family in fams)
+    if not have:
+        return (f"presets exist for SD1.5, SDXL, Flux and SD3.5 models, not for this {family} model; load the adapter "
+                "and CLIP vision files by hand")
+    return f"there is no official '{preset}' adapter for {family} models; presets for {family}: {have}"
+
+
+def _norm(part: str) -> str:
+    return re.sub(r"[-_.\s]+", "", part.lower())
+
+
 def _key(name: str) -> str:
-    base = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
-    base = re.sub(r"\.(safetensors|bin|pt|pth|ckpt|sft)$", "", base)
-    return re.sub(r"[-_.\s]+", "", base)
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return _norm(re.sub(r"\.(safetensors|bin|pt|pth|ckpt|sft)$", "", base, flags=re.IGNORECASE))
+
+
+def _folder_key(name: str) -> str:
+    """'<parent folder>/<file>' normalised: how a generic published name (ip-adapter.bin) is told apart."""
+    parts = name.replace("\\", "/").rsplit("/", 2)
+    return f"{_norm(parts[-2])}/{_key(name)}" if len(parts) > 1 else ""
 
 
 def find_file(candidates: Iterable[str], listing: Iterable[str]) -> str | None:
-    """The first listed file whose normalised name equals a candidate's, candidates in order of preference."""
+    """The first listed file whose normalised name equals a candidate's, candidates in order of preference.
+
+    A candidate with a folder ('FLUX.1-dev-IP-Adapter/ip-adapter.bin') matches that file in a folder of that name."""
     by_key: dict[str, str] = {}
     for name in sorted(listing):
         by_key.setdefault(_key(name), name)
+        if _folder_key(name):
+            by_key.setdefault(_folder_key(name), name)
     for cand in candidates:
-        hit = by_key.get(_key(cand))
+        hit = by_key.get(_folder_key(cand) if "/" in cand else _key(cand))
         if hit is not None:
             return hit
     return None
@@ -84,12 +105,13 @@ def find_preset(preset: str, family: str, adapter_listing: Iterable[str], clip_l
 
     Raises one IPAKitError naming the file looked for, the folder it belongs in and where it is published.
     """
+    if preset in DIT_PRESETS:
+        return find_dit_preset(preset, family, adapter_listing, clip_listing)
     if preset not in PRESETS:
-        raise IPAKitError(f"unknown preset {preset!r}; expected one of {', '.join(PRESET_NAMES)}")
+        raise IPAKitError(f"unknown preset {preset!r}; expected one of {', '.join(PRESET_NAMES + DIT_PRESET_NAMES)}")
     spec = PRESETS[preset].get(family)
     if spec is None:
-        have = ", ".join(p for p, fams in PRESETS.items() if family in fams)
-        raise IPAKitError(f"there is no official '{preset}' adapter for {family} models; presets for {family}: {have}")
+        raise IPAKitError(_no_preset(preset, family))
     adapter = find_file(spec.names, adapter_listing)
     if adapter is None:
         raise IPAKitError(f"preset '{preset}' ({family}): adapter file {spec.names[0]} not found; put it in "
@@ -99,6 +121,64 @@ def find_preset(preset: str, family: str, adapter_listing: Iterable[str], clip_l
     if clip is None:
         raise IPAKitError(f"preset '{preset}' ({family}): CLIP vision file {clip_names[0]} ({spec.encoder}) not found; "
                           f"put it in ComfyUI/models/clip_vision (published at {published})")
+    return adapter, clip, spec.encoder
+
+
+# Flux / SD3.5 presets. The InstantX files are both published as ip-adapter.bin (and XLabs' as ip_adapter.safetensors),
+# so the published name is matched inside a folder named after its repository, or as the file renamed to that.
+SIGLIP_HEAD = "SigLIP-so400m/14-384 with its pooling head"
+DIT_CLIP_FILES = {
+    SIGLIP_HEAD: (("siglip-so400m-patch14-384.safetensors", "siglip-so400m-patch14-384/model.safetensors"),
+                  "https://huggingface.co/google/siglip-so400m-patch14-384 (model.safetensors, which has the "
+                  "attention-pooling head; rename it siglip-so400m-patch14-384.safetensors)"),
+    "SigLIP-so400m/14-384": (("sigclip_vision_patch14_384.safetensors", "siglip-so400m-patch14-384.safetensors",
+                              "siglip-so400m-patch14-384/model.safetensors"),
+                             "https://huggingface.co/Comfy-Org/sigclip_vision_384 (sigclip_vision_patch14_384.safetensors)"),
+    "ViT-L/14": (("clip-vit-large-patch14.safetensors", "clip-vit-large-patch14/model.safetensors",
+                  "clip_vision_l.safetensors", "CLIP-ViT-L-14.safetensors"),
+                 "https://huggingface.co/openai/clip-vit-large-patch14 (model.safetensors, rename it "
+                 "clip-vit-large-patch14.safetensors)"),
+}
+
+
+def _d(repo: str, published: str, renames: tuple[str, ...], encoder: str, owner: str) -> PresetFiles:
+    return PresetFiles((f"{repo}/{published}", f"{repo}.{published.rsplit('.', 1)[-1]}") + renames, encoder,
+                       f"https://huggingface.co/{owner}/{repo}")
+
+
+DIT_PRESETS: dict[str, dict[str, PresetFiles]] = {
+    "instantx": {"flux": _d("FLUX.1-dev-IP-Adapter", "ip-adapter.bin", ("instantx-flux-ip-adapter.bin",),
+                            SIGLIP_HEAD, "InstantX"),
+                 "sd3": _d("SD3.5-Large-IP-Adapter", "ip-adapter.bin", ("instantx-sd3.5-ip-adapter.bin",),
+                           "SigLIP-so400m/14-384", "InstantX")},
+    "xlabs v1": {"flux": _d("flux-ip-adapter", "ip_adapter.safetensors", ("xlabs-flux-ip-adapter.safetensors",),
+                            "ViT-L/14", "XLabs-AI")},
+    "xlabs v2": {"flux": _d("flux-ip-adapter-v2", "ip_adapter.safetensors", ("xlabs-flux-ip-adapter-v2.safetensors",),
+                            "ViT-L/14", "XLabs-AI")},
+}
+DIT_PRESET_NAMES = tuple(DIT_PRESETS)
+
+
+def find_dit_preset(preset: str, family: str, adapter_listing: Iterable[str],
+                    clip_listing: Iterable[str]) -> tuple[str, str, str]:
+    """(adapter file, CLIP vision file, encoder) of a Flux / SD3.5 preset for `family` ("flux" / "sd3").
+
+    Raises one IPAKitError listing every missing file, one line each: its name, folder and download page."""
+    spec = DIT_PRESETS[preset].get(family)
+    if spec is None:
+        raise IPAKitError(_no_preset(preset, family))
+    missing = []
+    adapter = find_file(spec.names, adapter_listing)
+    if adapter is None:
+        folder, file = spec.names[0].split("/")
+        missing.append(f"{file} -> ComfyUI/models/ipadapter/{folder}/ (or renamed {spec.names[1]} in "
+                       f"ComfyUI/models/ipadapter; from {spec.published})")
+    clip_names, published = DIT_CLIP_FILES[spec.encoder]
+    clip = find_file(clip_names, clip_listing)
+    if clip is None:
+        missing.append(f"{clip_names[0]} ({spec.encoder}) -> ComfyUI/models/clip_vision (from {published})")
+    if missing:
+        raise IPAKitError(f"preset '{preset}' ({family}) is missing:\n" + "\n".join(f"  {m}" for m in missing))
     return adapter, clip, spec.encoder
 
 

@@ -23,15 +23,17 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def tiny_flux(comfy, seed: int = 0):
-    """(diffusers FluxTransformer2DModel, ComfyUI ModelPatcher of comfy.model_base.Flux), the same fp32 weights."""
+def tiny_flux(comfy, seed: int = 0, sizes: dict | None = None):
+    """(diffusers FluxTransformer2DModel, ComfyUI ModelPatcher of comfy.model_base.Flux), the same fp32 weights.
+
+    sizes: keys as FLUX (the benchmark's wider model); head width hidden / heads = sum(axes)."""
     import comfy.model_base
     import comfy.model_detection
     import comfy.model_patcher
     import comfy.supported_models
     from diffusers import FluxTransformer2DModel
 
-    f = FLUX
+    f = sizes or FLUX
     ref = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=f["depth"], num_single_layers=f["single"],
                                  attention_head_dim=f["hidden"] // f["heads"], num_attention_heads=f["heads"],
                                  joint_attention_dim=f["context"], pooled_projection_dim=f["pooled"],
@@ -50,16 +52,18 @@ def tiny_flux(comfy, seed: int = 0):
     return ref, comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def tiny_sd3(comfy, seed: int = 0):
-    """(diffusers SD3Transformer2DModel, ComfyUI ModelPatcher from ComfyUI's own loader), the same fp32 weights."""
+def tiny_sd3(comfy, seed: int = 0, sizes: dict | None = None):
+    """(diffusers SD3Transformer2DModel, ComfyUI ModelPatcher from ComfyUI's own loader), the same fp32 weights.
+
+    sizes: keys as SD3, pos_max (patches per side, 16) (ComfyUI reads depth = hidden / 64, so hidden = 64 x depth)."""
     import comfy.sd
     from diffusers import SD3Transformer2DModel
 
-    s = SD3
+    s = sizes or SD3
     ref = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=s["depth"],
                                 attention_head_dim=s["hidden"] // s["heads"], num_attention_heads=s["heads"],
                                 joint_attention_dim=s["context"], caption_projection_dim=s["hidden"],
-                                pooled_projection_dim=s["pooled"], out_channels=16, pos_embed_max_size=16,
+                                pooled_projection_dim=s["pooled"], out_channels=16, pos_embed_max_size=s.get("pos_max", 16),
                                 qk_norm="rms_norm").eval()
     randomize(ref, seed)
     patcher = comfy.sd.load_diffusion_model_state_dict({k: v.clone() for k, v in ref.state_dict().items()},

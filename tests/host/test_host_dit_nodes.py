@@ -140,3 +140,26 @@ def test_instantx_flux_pooled_output_needs_the_siglip_head(nodes):
     save_file({f"vision_model.head.{k}": v for k, v in head.items()}, str(folders["clip_vision"] / "siglip-so400m.safetensors"))
     embeds = mods["apply"].encode(adapter, siglip, torch.rand(2, 32, 32, 3))
     assert embeds.cond.shape == (2, 1152) and torch.equal(embeds.uncond, torch.zeros(1, 1152))
+
+
+def test_preset_loader_takes_the_flux_files_by_the_model_family(nodes, comfy, monkeypatch):
+    """The preset node on a Flux model: the XLabs v2 preset loads the (renamed) XLabs file and the ViT-L/14 file; a
+    missing file is one line with its folder and page; a SD1.5 preset on Flux names the Flux presets."""
+    import comfy.clip_vision
+
+    mods, folders = nodes
+    presets_mod = importlib.import_module(f"{mods['loaders'].__package__}.presets")
+    state = fac.xlabs_flux(hidden=FLUX["hidden"], ctx=FLUX["context"], tokens=16, blocks=FLUX["depth"])
+    fac.write(state, folders["ipadapter"] / "flux-ip-adapter-v2.safetensors")
+    _, patcher = tiny_flux(comfy)
+    with pytest.raises(IPAKitError, match=r"clip-vit-large-patch14.safetensors \(ViT-L/14\) -> ComfyUI/models/clip_vision"):
+        presets_mod.IPAKitPresetLoader.execute(patcher, "xlabs v2")
+    (folders["clip_vision"] / "clip-vit-large-patch14.safetensors").write_bytes(b"")
+    monkeypatch.setattr(comfy.clip_vision, "load", lambda path: ("clip vision", path))
+    out = presets_mod.IPAKitPresetLoader.execute(patcher, "xlabs v2")
+    adapter, clip, info = out.result
+    assert adapter.config.format == "xlabs-flux" and adapter.config.num_tokens == 16
+    assert clip[1].endswith("clip-vit-large-patch14.safetensors")
+    assert info == "xlabs v2 (flux): flux-ip-adapter-v2.safetensors + clip-vit-large-patch14.safetensors (ViT-L/14)"
+    with pytest.raises(IPAKitError, match="no official 'plus' adapter for flux models; presets for flux: instantx"):
+        presets_mod.IPAKitPresetLoader.execute(patcher, "plus")

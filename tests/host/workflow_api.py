@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..face_standins import face_image, write_pack
@@ -25,6 +25,13 @@ STAND_INS = {
     "ip-adapter_sd15.safetensors": "kit_sd15_vitl.safetensors",
     "ip-adapter-faceid_sd15.bin": "kit_faceid_lora4_sd15.safetensors",  # written by write_face_stand_ins
     "ip-adapter-faceid-portrait-v11_sd15.bin": "kit_faceid_portrait_sd15.safetensors",
+    # Flux: small models the hook node of dit_standins.py lets the core loaders build
+    "flux1-dev.safetensors": "ipakit_tiny_flux.safetensors",
+    "clip_l.safetensors": "ipakit_tiny_clip_l.safetensors",
+    "t5xxl_fp16.safetensors": "ipakit_tiny_t5xxl.safetensors",
+    "ae.safetensors": "ipakit_random_ae16.safetensors",
+    "clip-vit-large-patch14.safetensors": "random_vitl.safetensors",
+    "flux-ip-adapter-v2.safetensors": "ipakit_tiny_xlabs_v2.safetensors",
 }
 # the face workflows' reference images -> the ones a requeued run (`changed`) loads instead; all face-like
 FACE_IMAGES = {"face.png": "face_b.png", "face_2.png": "face_2_b.png"}
@@ -168,11 +175,15 @@ def write_face_stand_ins(base: Path) -> None:
 
 
 def prepare_workflow_base(base: Path, comfy, browser: bool = False) -> Path:
-    """A server base directory for the shipped workflows: the random models, reference.png, the face stand-ins."""
+    """A server base directory for the shipped workflows: the random SD1.5 models, reference.png, the face stand-ins,
+    and the Flux stand-ins with the hook node that lets the core loaders build them small (dit_standins.py)."""
+    from .dit_standins import HOOK, HOOK_NAME, link_standins, write_flux_standins
     from .server import prepare_base
-    from .test_host_server import _write_models
+    from .test_host_server import CACHE, _write_models
 
-    prepare_base(base, _write_models(comfy), reference_name="reference.png", browser=browser)
+    prepare_base(base, _write_models(comfy), reference_name="reference.png", browser=browser,
+                 extra_nodes={HOOK_NAME: HOOK})
+    link_standins(base, write_flux_standins(comfy, CACHE))
     write_face_stand_ins(base)
     return base
 
@@ -208,7 +219,7 @@ def run_order() -> list[str]:
 
 def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps: int = 2,
                   report: Callable[[str, int, str, float], None] | None = None, rounds: int = 2,
-                  light: bool = False) -> list[str]:
+                  light: bool = False, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[str]:
     """Each workflow in `run_order()` on the server at `url`, then (rounds=2) each again in reverse order with
     another reference and seeds (`changed`); returns the failures, one line each. report(name, round, error, s)."""
     from .server import get
@@ -217,7 +228,7 @@ def run_all_twice(url: str, base: Path, reference_b: str, size: int = 64, steps:
     info = get(url + "/object_info")
     prompts = {p.stem: shrink(to_api_prompt(json.loads(p.read_text()), info), base, size, steps, light)
                for p in WORKFLOWS}
-    order = run_order()
+    order = [n for n in run_order() if (only is None or n in set(only)) and n not in set(exclude)]
     failures = []
     for round_no, names in enumerate((order, order[::-1])[:rounds], start=1):
         for name in names:
