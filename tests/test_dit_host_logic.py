@@ -72,3 +72,24 @@ def test_a_patch_without_active_entries_calls_the_original_block(xlabs):
     assert out == {"img": 2} and ran == []
     assert isinstance(add_to(patch, patch.run, patch.block, (app, 1)), BlockPatch)
     assert len(add_to(patch, patch.run, patch.block, (app, 1)).entries) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_moving_the_patch_leaves_the_adapter_and_embeds_as_given(xlabs, dtype):
+    """ComfyUI calls patch.to(device) and patch.to(model dtype) at every load; the adapter and embeds the patch was
+    given are shared with other nodes and later prompts, so they keep their dtype, device and values; the K/V come
+    in the call's dtype, equal to the fp32 ones rounded once."""
+    e = DitEmbeds(torch.randn(1, 768), torch.zeros(1, 768), "xlabs-flux")
+    app = DitApplication(xlabs, e, 0.5, [1.0, 1.0, 1.0], heads=2)
+    given = [t.clone() for t in (*xlabs.state_dict().values(), e.cond, e.uncond)]
+    cpu = torch.device("cpu")
+    ref, _ = app.flux_kv(0, [0, 1], cpu, torch.float32)
+    app.to(cpu).to(dtype)
+    k, _ = app.flux_kv(0, [0, 1], cpu, dtype)
+    app.to("meta")  # a device move drops the cached K/V of the other device
+    assert not any(key[1] == cpu for key in app._kv)
+    app.to(cpu)
+    k_again, _ = app.flux_kv(0, [0, 1], cpu, dtype)
+    assert k.dtype == dtype and torch.equal(k, ref.to(dtype)) and torch.equal(k_again, k)
+    now = [*xlabs.state_dict().values(), e.cond, e.uncond]
+    assert all(a.dtype == b.dtype and a.device == b.device and torch.equal(a, b) for a, b in zip(given, now))

@@ -157,7 +157,8 @@ def test_preset_loader_takes_the_flux_files_by_the_model_family(nodes, comfy, mo
     (folders["clip_vision"] / "clip-vit-large-patch14.safetensors").write_bytes(b"")
     monkeypatch.setattr(comfy.clip_vision, "load", lambda path: ("clip vision", path))
     out = presets_mod.IPAKitPresetLoader.execute(patcher, "xlabs v2")
-    adapter, clip, info = out.result
+    adapter, clip, info, face_models = out.result
+    assert face_models is None
     assert adapter.config.format == "xlabs-flux" and adapter.config.num_tokens == 16
     assert clip[1].endswith("clip-vit-large-patch14.safetensors")
     assert info == "xlabs v2 (flux): flux-ip-adapter-v2.safetensors + clip-vit-large-patch14.safetensors (ViT-L/14)"

@@ -35,22 +35,6 @@ def test_every_workflow_in_sequence_and_requeued(comfy, tmp_path, flags, rounds)
     change nothing on CPU, where ComfyUI disables its VRAM states: benchmarks/gpu_workflows.py takes them on a GPU.)"""
     base = _base(comfy, tmp_path)
     with running_comfyui(base, flags) as url:
-        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds, light=True, exclude=HALF_FAILS)
+        failures = run_all_twice(url, base, "reference_b.png", rounds=rounds, light=True)
     assert not failures, "\n".join(failures)
 
-
-# Known failure in our code, not ComfyUI's: when the Flux weights are stored in fp16/bf16/fp8 on CPU (ComfyUI then
-# computes in fp32 through its manual cast), the block patch uses the storage dtype: KSampler fails with "mat1 and
-# mat2 must have the same dtype, but got Float and Half" (BFloat16 under --bf16-unet: the adapter copy in
-# ipa_train/hosts/comfy/dit.py flux_kv) and, under --fp8_e4m3fn-unet, '"LayerNormKernelImpl" not implemented for
-# Float8_e4m3fn' (the block's norm run on its fp8 weights without the cast).
-HALF_FAILS = {"ipadapter_flux": "the DiT patch computes in the fp16/bf16/fp8 storage dtype, not ComfyUI's fp32 compute"}
-
-
-@pytest.mark.xfail(strict=True, reason=HALF_FAILS["ipadapter_flux"])
-def test_flux_workflow_under_a_half_precision_unet(comfy, tmp_path):
-    """Strict: passes (and so fails here) once the DiT patch follows the model's compute dtype; then drop HALF_FAILS."""
-    base = _base(comfy, tmp_path)
-    with running_comfyui(base, ("--fp16-unet",)) as url:
-        failures = run_all_twice(url, base, "reference_b.png", rounds=1, light=True, only=HALF_FAILS)
-    assert not failures, "\n".join(failures)

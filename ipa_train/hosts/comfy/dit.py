@@ -21,6 +21,7 @@ from ...adapter.dit_attention import flux_image_kv
 from ...adapter.dit_modules import DitAdapter
 from ...adapter.references import combine_clip, reference_weights, token_weights
 from ...errors import IPAKitError
+from ..placement import adapter_on, as_device
 from .dit_call import CallInfo, call_info, fuse_rows, row_factor
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class DitApplication:
             n = e.cond.shape[0]  # the uncond side is combined as the N references, so both have as many tokens
             uncond = e.uncond if e.uncond.shape[0] == n else e.uncond[:1].expand(n, *e.uncond.shape[1:])
             with torch.no_grad():
-                out = {c: project(self.adapter, feats.to(device), e.method, e.weights, timestep)
+                adapter = self.on(device)
+                like = next(adapter.parameters())
+                out = {c: project(adapter, feats.to(like), e.method, e.weights, timestep)
                        for c, feats in ((0, e.cond), (1, uncond))}
             self._tokens[key] = {c: (t.to(dtype), None if te is None else te.to(dtype), tw)
                                  for c, (t, te, tw) in out.items()}
@@ -169,15 +172,18 @@ class DitApplication:
         fused = self.call_tokens(info)
         if fused is not None:
             tw = self._projected(device, torch.float32)[0][2]
-            like = next(self.adapter.parameters())
+            block = self.on(device).blocks[j]
             with torch.no_grad():
-                k, v = _weighted(flux_image_kv(self.adapter.blocks[j], fused.to(like), self.heads, self.format), tw)
+                k, v = _weighted(flux_image_kv(block, fused.to(next(block.parameters())), self.heads, self.format), tw)
             return k.to(device, dtype), v.to(device, dtype)
         key = (j, device, dtype)
         if key not in self._kv:
-            toks = self._projected(device, dtype)
+            # projected and multiplied in the adapter's own dtype (fp32), cast once to the call's compute dtype
+            block = self.on(device).blocks[j]
+            toks = self._projected(device, next(block.parameters()).dtype)
             with torch.no_grad():
-                self._kv[key] = {c: _weighted(flux_image_kv(self.adapter.blocks[j], t, self.heads, self.format), tw)
+                self._kv[key] = {c: tuple(x.to(dtype) for x in _weighted(flux_image_kv(block, t, self.heads,
+                                                                                       self.format), tw))
                                  for c, (t, _, tw) in toks.items()}
         kv = self._kv[key]
         return row_tensor({c: kv[c][0] for c in kv}, labels), row_tensor({c: kv[c][1] for c in kv}, labels)
@@ -192,9 +198,24 @@ class DitApplication:
         temb = row_tensor({c: v[1] for c, v in toks.items()}, labels)
         return tokens, temb, toks[0][2]
 
-    def to(self, device: Any) -> DitApplication:
-        self.adapter.to(device)
+    def on(self, device: Any) -> DitAdapter:
+        """The adapter on `device`: itself, or a shared frozen copy there; the one given is never moved or cast."""
+        return adapter_on(self.adapter, device)
+
+    def to(self, target: Any) -> DitApplication:
+        """ComfyUI moves patches with the model (`.to(device)`, `.to(model dtype)`): nothing given moves; the cached
+        tokens and K/V of another device are dropped, new ones are made in the dtype of the first call's query."""
+        if not isinstance(target, torch.dtype):
+            device = as_device(target)
+            for cache in (self._kv, self._tokens, self._factors):
+                for key in [k for k in cache if _device_of(k) not in (None, device)]:
+                    del cache[key]
         return self
+
+
+def _device_of(key: Any) -> torch.device | None:
+    parts = key if isinstance(key, tuple) else (key,)
+    return next((as_device(p) for p in parts if isinstance(p, torch.device)), None)
 
 
 def _weighted(kv: tuple[torch.Tensor, torch.Tensor], tw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

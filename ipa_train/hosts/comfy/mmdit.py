@@ -41,12 +41,13 @@ def _image_term(active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     total = None
     for app, j, w in active:
-        block = app.adapter.blocks[j]
-        tokens, temb, tw = app.sd3_tokens(sigma, labels, q.device, q.dtype, info)
+        block = app.on(q.device).blocks[j]
+        own = next(block.parameters()).dtype  # the branch runs in the adapter's dtype (fp32), the sum in q's
+        tokens, temb, tw = app.sd3_tokens(sigma, labels, q.device, own, info)
         k_ip, v_ip = sd3_image_kv(block, tokens, temb, heads)
         if tw is not None:
             v_ip = v_ip * tw.to(v_ip).view(1, 1, -1, 1)
-        term = w * sd3_image_attention(block, qh, kh, vh, k_ip, v_ip)
+        term = w * sd3_image_attention(block, *(t.to(own) for t in (qh, kh, vh)), k_ip, v_ip).to(q.dtype)
         factor = app.factor(info, q.shape[1], 0, q.shape[0], q.device, q.dtype)
         if factor is not None:
             term = term * factor
