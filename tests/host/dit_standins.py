@@ -108,7 +108,7 @@ FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=CLIP
             context_in_dim=T5["d_model"], hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
             axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
 # SD3.5: ComfyUI pads CLIP-L + CLIP-G (32 + 32 here) to 4096 and joins the T5 tokens to them, so the SD3 T5 is
-# 4096 wide (stored in fp8 as t5xxl_fp8_e4m3fn is: its 32128 x 4096 embedding is most of the file); it tells
+# 4096 wide (stored in fp8, as t5xxl_fp8_e4m3fn is: its 32128 x 4096 embedding is most of the file); ComfyUI tells
 # CLIP-G from CLIP-L by a 31st layer; the MMDiT is 64 x depth wide (as ComfyUI's detection reads it) with the
 # pooled width of the two CLIPs; SigLIP keeps its 1152 width (what the InstantX projection reads), with 2 layers.
 CLIP_G = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=32, projection_dim=32)
@@ -140,13 +140,16 @@ def _prefixed(sd: dict, prefix: str) -> dict:
     return {(k if k.startswith(prefix) else prefix + k): v for k, v in sd.items()}
 
 
+def _partial(path: Path) -> Path:
+    """Where a stand-in is written before it is renamed into place: a parallel test run never reads half a file."""
+    return path.with_name(f"{path.stem}.partial{os.getpid()}{path.suffix}")
+
+
 def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
-    """Written under a temporary name and renamed: a server of a parallel test run never reads half a file."""
     from safetensors.torch import save_file
 
-    partial = path.with_name(f"{path.stem}.partial{os.getpid()}{path.suffix}")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(_partial(path)), metadata=metadata)
+    os.replace(_partial(path), path)
 
 
 def _flux(comfy, path: Path) -> None:
@@ -218,9 +221,7 @@ def _siglip(comfy, path: Path) -> None:
 def _adapter(state: dict, path: Path) -> None:
     from .. import dit_factories as fac
 
-    partial = path.with_name(f"{path.stem}.partial{os.getpid()}{path.suffix}")
-    fac.write(state, partial)
-    os.replace(partial, path)
+    os.replace(fac.write(state, _partial(path)), path)
 
 
 def write_dit_standins(comfy, cache: Path) -> dict[str, Path]:
