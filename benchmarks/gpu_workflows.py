@@ -3,7 +3,8 @@
 
 Starts ComfyUI (on CUDA with its default dtypes unless --cpu or --flags say otherwise) on a throw-away base folder
 with this pack and the random-weight stand-ins the host tests use (an SD1.5-architecture checkpoint, a CLIP
-ViT-L/14 vision model, a plain adapter; written once to ~/.cache/ipakit-host-models), converts each
+ViT-L/14 vision model, a plain adapter, FaceID files, small Flux and SD3.5 models with their text encoders, SigLIP and
+adapters; written once to ~/.cache/ipakit-host-models), converts each
 workflows/*.json to the API prompt the frontend would queue, and runs them all: the generation workflows first,
 then the others, then all again in reverse order with another reference image and other seeds (a queued-again
 prompt with ComfyUI's cached adapter). Prints one line per run and exits 1 if any failed.

@@ -33,13 +33,13 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MODEL_WIDGETS = {"CheckpointLoaderSimple": ("checkpoints",), "CLIPVisionLoader": ("clip_vision",),
                  "IPAKitLoadAdapter": ("ipadapter",), "IPAKitLoadFaceModels": ("insightface/models",),
                  "UNETLoader": ("diffusion_models",), "DualCLIPLoader": ("text_encoders", "text_encoders"),
-                 "VAELoader": ("vae",)}
+                 "TripleCLIPLoader": ("text_encoders",) * 3, "VAELoader": ("vae",)}
 EXPECTED = {
     "ipadapter_generate_scaled", "ipadapter_generate_fused", "ipadapter_scaled_vs_fused_diversity",
     "ipadapter_train_folder", "ipadapter_train_then_generate", "ipadapter_weight_sweep", "ipadapter_animation_per_frame",
-    "ipadapter_faceid", "ipadapter_faceid_portrait", "ipadapter_flux",
+    "ipadapter_faceid", "ipadapter_faceid_portrait", "ipadapter_flux", "ipadapter_sd35",
 }
-DIT_WORKFLOWS = {"ipadapter_flux"}
+DIT_WORKFLOWS = {"ipadapter_flux", "ipadapter_sd35"}
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,8 @@ def test_ui_format(path):
     assert wf["version"] == 0.4
     for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra"):
         assert key in wf, key
+    # the frontend's schema takes extra.reroutes as a list or absent; null raises an alert when the workflow loads
+    assert isinstance(wf["extra"].get("reroutes", []), list), "extra.reroutes: a list or absent, not null"
     ids = [n["id"] for n in wf["nodes"]]
     assert len(ids) == len(set(ids)) and max(ids) <= wf["last_node_id"]
     link_ids = [link[0] for link in wf["links"]]
@@ -260,7 +262,7 @@ def test_saved_apply_nodes_keep_their_meaning(specs):
     from ipa_train.adapter.weight_types import WEIGHT_TYPES, application_plans, second_weight
 
     spec = specs["IPAKitApply"]
-    # the UNet workflows (the Flux one's apply node reads no weight type or boost)
+    # the UNet workflows (the Flux and SD3.5 ones' apply nodes read no weight type or boost)
     nodes = [n for path in WORKFLOWS if path.stem not in DIT_WORKFLOWS for n in _load(path)["nodes"]
              if n["type"] == "IPAKitApply"]
     assert len(nodes) == 8

@@ -31,7 +31,7 @@ def _base(comfy, tmp_path):
     pytest.param(("--fp8_e4m3fn-unet",), 1, marks=pytest.mark.slow),
 ], ids=["fp16-unet", "bf16-unet fp16-text-enc", "fp8-unet"])
 def test_every_workflow_in_sequence_and_requeued(comfy, tmp_path, flags, rounds):
-    """Slow: 18 workflow runs on one server (9 for fp8), a few minutes on 2 CPU cores. (--lowvram and --novram
+    """Slow: 22 workflow runs on one server (11 for fp8), a few minutes on 2 CPU cores. (--lowvram and --novram
     change nothing on CPU, where ComfyUI disables its VRAM states: benchmarks/gpu_workflows.py takes them on a GPU.)"""
     base = _base(comfy, tmp_path)
     with running_comfyui(base, flags) as url:

@@ -27,12 +27,20 @@ STAND_INS = {
     "ip-adapter-faceid-portrait-v11_sd15.bin": "kit_faceid_portrait_sd15.safetensors",
     # Flux: small models the hook node of dit_standins.py lets the core loaders build
     "flux1-dev.safetensors": "ipakit_tiny_flux.safetensors",
-    "clip_l.safetensors": "ipakit_tiny_clip_l.safetensors",
+    "clip_l.safetensors": "ipakit_tiny_clip_l3.safetensors",
     "t5xxl_fp16.safetensors": "ipakit_tiny_t5xxl.safetensors",
     "ae.safetensors": "ipakit_random_ae16.safetensors",
     "clip-vit-large-patch14.safetensors": "random_vitl.safetensors",
     "flux-ip-adapter-v2.safetensors": "ipakit_tiny_xlabs_v2.safetensors",
+    # SD3.5 Large: the same CLIP-L; the checkpoint holds the MMDiT and the VAE, as sd3.5_large does
+    "sd3.5_large.safetensors": "ipakit_tiny_sd35.safetensors",
+    "clip_g.safetensors": "ipakit_tiny_clip_g.safetensors",
+    "sigclip_vision_patch14_384.safetensors": "ipakit_tiny_siglip.safetensors",
+    "SD3.5-Large-IP-Adapter.bin": "ipakit_tiny_instantx_sd35.bin",
 }
+# where one official name needs another stand-in in one loader: SD3's T5 is 4096 wide (ComfyUI joins its tokens to
+# the CLIP-L + CLIP-G ones padded to 4096), Flux's tiny one is not
+LOADER_STAND_INS = {"TripleCLIPLoader": {"t5xxl_fp16.safetensors": "ipakit_tiny_t5xxl_4096_fp8.safetensors"}}
 # the face workflows' reference images -> the ones a requeued run (`changed`) loads instead; all face-like
 FACE_IMAGES = {"face.png": "face_b.png", "face_2.png": "face_2_b.png"}
 NOT_EXECUTED = ("Note", "MarkdownNote")
@@ -118,10 +126,11 @@ def shrink(prompt: dict, base: Path, size: int = 64, steps: int = 2, light: bool
         write_dataset(dataset, 3, size=(72, 64))
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
+        stand_ins = {**STAND_INS, **LOADER_STAND_INS.get(kind, {})}
         for key, value in list(inputs.items()):
-            if isinstance(value, str) and value in STAND_INS:
-                inputs[key] = STAND_INS[value]
-        if kind == "EmptyLatentImage":
+            if isinstance(value, str) and value in stand_ins:
+                inputs[key] = stand_ins[value]
+        if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=size, height=size)
             if light:
                 inputs["batch_size"] = min(2, int(inputs.get("batch_size", 1)))
@@ -176,14 +185,14 @@ def write_face_stand_ins(base: Path) -> None:
 
 def prepare_workflow_base(base: Path, comfy, browser: bool = False) -> Path:
     """A server base directory for the shipped workflows: the random SD1.5 models, reference.png, the face stand-ins,
-    and the Flux stand-ins with the hook node that lets the core loaders build them small (dit_standins.py)."""
-    from .dit_standins import HOOK, HOOK_NAME, link_standins, write_flux_standins
+    and the Flux and SD3.5 stand-ins with the hook node that lets the core loaders build them small (dit_standins.py)."""
+    from .dit_standins import HOOK, HOOK_NAME, link_standins, write_dit_standins
     from .server import prepare_base
     from .test_host_server import CACHE, _write_models
 
     prepare_base(base, _write_models(comfy), reference_name="reference.png", browser=browser,
                  extra_nodes={HOOK_NAME: HOOK})
-    link_standins(base, write_flux_standins(comfy, CACHE))
+    link_standins(base, write_dit_standins(comfy, CACHE))
     write_face_stand_ins(base)
     return base
 
