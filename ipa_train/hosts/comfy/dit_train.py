@@ -150,7 +150,7 @@ def predict(diffusion_model: Any, model_sampling: Any, app: TrainingApplication,
     info.functions.update(TRAINING_FUNCTIONS)
     to[CALL_KEY] = info
     to["cond_or_uncond"], to["sigmas"] = [0], sigmas
-    timestep = model_sampling.timestep(sigmas).to(noisy.dtype)
+    timestep = model_sampling.timestep(sigmas).float()
     if model_family(diffusion_model) == "flux":
         uses_guidance = bool(getattr(getattr(diffusion_model, "params", None), "guidance_embed", False))
         return diffusion_model(noisy, timestep, context, y=pooled, guidance=guidance if uses_guidance else None,
