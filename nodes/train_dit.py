@@ -183,3 +183,75 @@ class ComfyDitBackbone(LoadedEncoders):
         self._checkpointing = True
         for patch in getattr(self, "patches", {}).values():
             patch.use_checkpoint = True
+
+
+_ENCODER = {"xlabs-flux": "CLIP ViT-L/14 (clip-vit-large-patch14.safetensors)",
+            "instantx-flux": "SigLIP so400m/14-384 with its pooling head (google/siglip-so400m-patch14-384)",
+            "instantx-sd3": "SigLIP so400m/14-384 (sigclip_vision_patch14_384.safetensors)"}
+_FAMILY = {"flux": "Flux", "sd3": "SD3.5", "": "UNet (SD1.5 / SDXL)"}
+
+
+def _is_siglip(clip_vision) -> bool:
+    dims = clip_vision_dims(clip_vision)
+    return dims["penultimate"] == 1152 and dims["image_embeds"] == 1152
+
+
+def training_format(model, clip_vision, fmt: str, projection: str, fusion: bool, adapter=None) -> str:
+    """The DiT layout IPAKitTrain trains ("" for a UNet model), checked against the MODEL, the CLIP vision model,
+    the projection options and the adapter to fine-tune, before any work; one line naming the fix otherwise.
+    auto: SD3 -> instantx-sd3; Flux -> the fine-tuned adapter's format, else instantx-flux with a SigLIP
+    encoder and xlabs-flux with CLIP ViT-L."""
+    from ipa_train.errors import TrainConfigError
+    from ipa_train.training.config import DIT_TRAIN_FORMATS
+
+    from .dit import is_dit
+
+    family = dit_family(model)
+    if not family:
+        if fmt != "auto":
+            raise TrainConfigError(f"IPAKitTrain: format {fmt} trains a {_FAMILY[DIT_TRAIN_FORMATS[fmt][0]]} adapter, "
+                                   "but the MODEL is a UNet (SD1.5 / SDXL) model: set format to auto, or load a "
+                                   f"{_FAMILY[DIT_TRAIN_FORMATS[fmt][0]]} model")
+        if adapter is not None and is_dit(adapter):
+            raise TrainConfigError(f"IPAKitTrain: the adapter to fine-tune is {adapter.config.format} "
+                                   f"({_FAMILY[adapter.config.family]}), but the MODEL is a UNet model: connect a "
+                                   f"{_FAMILY[adapter.config.family]} model or an SD1.5 / SDXL adapter")
+        return ""
+    if adapter is not None and not is_dit(adapter):
+        raise TrainConfigError(f"IPAKitTrain: the adapter to fine-tune is a UNet ({adapter.config.variant}) adapter, "
+                               f"but the MODEL is {_FAMILY[family]}: connect an official {_FAMILY[family]} adapter, "
+                               "or none to train from scratch")
+    if fmt == "auto":
+        fmt = (adapter.config.format if adapter is not None else "instantx-sd3" if family == "sd3"
+               else "instantx-flux" if _is_siglip(clip_vision) else "xlabs-flux")
+    want = DIT_TRAIN_FORMATS[fmt][0]
+    if want != family:
+        options = ", ".join(f for f, (fam, _) in DIT_TRAIN_FORMATS.items() if fam == family)
+        raise TrainConfigError(f"IPAKitTrain: format {fmt} is a {_FAMILY[want]} layout, but the MODEL is "
+                               f"{_FAMILY[family]}: set format to {options} (or auto)")
+    if adapter is not None and adapter.config.format != fmt:
+        raise TrainConfigError(f"IPAKitTrain: the adapter to fine-tune is {adapter.config.format}, the format option "
+                               f"says {fmt}: set format to {adapter.config.format} (or auto)")
+    if projection != "plain" or fusion:
+        raise TrainConfigError(f"IPAKitTrain: projection {projection}{' and fusion' if fusion else ''} are SD1.5 / "
+                               f"SDXL options; the {fmt} format sets its own projection: set projection to plain "
+                               "and fusion off")
+    _check_encoder(clip_vision, fmt)
+    return fmt
+
+
+def _check_encoder(clip_vision, fmt: str) -> None:
+    from ipa_train.errors import EncoderMismatchError
+
+    dims = clip_vision_dims(clip_vision)
+    siglip = _is_siglip(clip_vision)
+    fits = dims["image_embeds"] == 768 and not siglip if fmt == "xlabs-flux" else siglip
+    if not fits:
+        got = "SigLIP so400m" if siglip else f"a CLIP vision model (width {dims['penultimate']}, projection " \
+                                             f"{dims['image_embeds']})"
+        raise EncoderMismatchError(f"IPAKitTrain: format {fmt} reads {_ENCODER[fmt]}, but the connected CLIP_VISION "
+                                   f"is {got}: load that encoder in Load CLIP Vision")
+    if fmt == "instantx-flux":
+        from .dit import _pooling_head
+
+        _pooling_head()  # one line naming the file with the head when none in models/clip_vision has it
