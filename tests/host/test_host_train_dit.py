@@ -1,0 +1,245 @@
+"""Flux and SD3.5 training inside ComfyUI (in-process, CPU): the node's training step equals the command line's.
+
+Tiny random Flux and SD3 models in ComfyUI's own classes carry the same weights as diffusers' transformers
+(`dit_models`). On one batch, noise and sigmas, the training step of `ComfyDitBackbone` (the node's: ComfyUI's
+Flux / MMDiT forward with our `dit` block patches in training mode) and of the command line's diffusers backbone
+give the same loss and the same adapter gradients, for every format. Then IPAKitTrain trains a tiny Flux end to
+end (text, image and latents from stand-in encoders, a validation sample through our own apply) and the file it
+writes loads in our loader.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipa_train.adapter.dit_formats import detect_dit_config
+from ipa_train.adapter.dit_modules import build_dit_adapter
+
+from .. import dit_factories as fac
+from .dit_models import FLUX, SD3, tiny_flux, tiny_sd3
+from .test_host_train_memory import _patcher
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DATA = ROOT / "ipa_train" / "demo_data"
+CASES = {  # format -> (family, encoder output shape of one image)
+    "xlabs-flux": ("flux", (768,)),
+    "instantx-flux": ("flux", (1152,)),
+    "instantx-sd3": ("sd3", (12, 1152)),
+}
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    return {"flux": tiny_flux(comfy, seed=2), "sd3": tiny_sd3(comfy, seed=2)}
+
+
+def _clip_vision(comfy, tmp_path, siglip: bool):
+    """ComfyUI's ClipVisionModel from a tiny config: a ViT-L-like one (projection 768) or a SigLIP-like one
+    (width 1152, no projection, 384 px, mean/std 0.5), random weights."""
+    import comfy.clip_vision
+
+    if siglip:
+        config = {"model_type": "siglip_vision_model", "num_hidden_layers": 2, "hidden_size": 1152,
+                  "num_attention_heads": 16, "intermediate_size": 64, "hidden_act": "gelu_pytorch_tanh",
+                  "num_channels": 3, "patch_size": 96, "image_size": 384, "image_mean": [0.5] * 3,
+                  "image_std": [0.5] * 3, "layer_norm_eps": 1e-6}
+    else:
+        config = {"model_type": "clip_vision_model", "num_hidden_layers": 2, "hidden_size": 32,
+                  "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "num_channels": 3,
+                  "patch_size": 32, "image_size": 224, "projection_dim": 768}
+    path = tmp_path / ("siglip.json" if siglip else "vit.json")
+    path.write_text(json.dumps(config))
+    cv = comfy.clip_vision.ClipVisionModel(str(path))
+    g = torch.Generator().manual_seed(1)
+    cv.load_sd({k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if "norm" in k and k.endswith("weight") else 0.0))
+                for k, v in cv.get_sd().items()})
+    return cv
+
+
+class StandInDitClip:
+    """The loaded CLIP as DiT training calls it: tokenize, encode_from_tokens(return_pooled=True) ->
+    ([1, S, context], [1, pooled]); S fixed, as ComfyUI's T5 padding makes it."""
+
+    def __init__(self, comfy, context: int, pooled: int, length: int = 7):
+        self.mm = comfy.model_management
+        self.context, self.length = context, length
+        self.module = torch.nn.Embedding(256, context + pooled)
+        self.patcher = _patcher(comfy, self.module)
+
+    def tokenize(self, text):
+        return torch.tensor([min(ord(c), 255) for c in text[:self.length].ljust(self.length)])
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        self.mm.load_model_gpu(self.patcher)
+        out = self.module(tokens)[None]
+        return out[..., :self.context], out[:, -1, self.context:]
+
+
+class StandInDitVae:
+    """A 16-channel VAE as training and validation call it: encode(IMAGE) -> [B, 16, H/8, W/8], decode back."""
+
+    def __init__(self, comfy):
+        self.mm = comfy.model_management
+        self.module = torch.nn.Conv2d(3, 16, 8, stride=8)
+        self.patcher = _patcher(comfy, self.module)
+
+    def encode(self, image):
+        self.mm.load_models_gpu([self.patcher])
+        return self.module(image.movedim(-1, 1) * 2 - 1)
+
+    def decode(self, latent):
+        return torch.nn.functional.interpolate(latent[:, :3], scale_factor=8).movedim(1, -1).sigmoid()
+
+
+def _adapter(fmt: str):
+    if fmt == "xlabs-flux":
+        state = fac.xlabs_flux(hidden=FLUX["hidden"], ctx=FLUX["context"], tokens=4, blocks=FLUX["depth"], seed=4)
+    elif fmt == "instantx-flux":
+        state = fac.instantx_flux(hidden=FLUX["hidden"], ctx=FLUX["context"], tokens=8,
+                                  blocks=FLUX["depth"] + FLUX["single"], seed=4)
+    else:
+        state = fac.instantx_sd3(hidden=SD3["hidden"], head_dim=SD3["hidden"] // SD3["heads"], tokens=16,
+                                 blocks=SD3["depth"], dim=128, depth=4, temb_in=32, seed=4)
+    flat = fac.flat(state)
+    return build_dit_adapter(detect_dit_config(flat, "t"), flat, "t").float()
+
+
+def _batch(family: str, clip_shape: tuple[int, ...]):
+    from ipa_train.training.train import Batch, TextCondition
+
+    sizes = FLUX if family == "flux" else SD3
+    g = torch.Generator().manual_seed(3)
+    extra = {"pooled": torch.randn(2, sizes["pooled"], generator=g)}
+    if family == "flux":
+        extra["guidance"] = torch.full((2,), 1.0)
+    text = TextCondition(torch.randn(2, 6, sizes["context"], generator=g), extra)
+    return Batch(torch.randn(2, 16, 8, 8, generator=g), text, torch.randn(2, *clip_shape, generator=g))
+
+
+def _step(backbone, adapter, batch, schedule, seed: int = 7):
+    """The training step (`ipa_train.training.train._loss` + backward) -> (loss, {parameter: gradient})."""
+    from ipa_train.training.config import TrainConfig
+    from ipa_train.training.engine import Engine
+    from ipa_train.training.train import AdapterModel, _loss
+
+    adapter = copy.deepcopy(adapter).train()
+    backbone.attach(adapter)
+    model = AdapterModel(adapter, backbone, None)
+    torch.manual_seed(seed)  # the step's noise and sigmas
+    with torch.enable_grad():
+        loss = _loss(model, backbone, batch, Engine(TrainConfig(output_dir="unused"), torch.device("cpu"), None),
+                     schedule)
+        loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_node_step_equals_the_command_line_step(comfy, kit, models, tmp_path, fmt):
+    from ipa_train.hosts.backbone_dit import DiffusersDitBackbone
+
+    family, clip_shape = CASES[fmt]
+    ref, patcher = models[family]
+    nodes = importlib.import_module(kit.__name__ + ".nodes.train_dit")
+    sizes = FLUX if family == "flux" else SD3
+    node = nodes.ComfyDitBackbone(patcher, StandInDitClip(comfy, sizes["context"], sizes["pooled"]),
+                                  StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux"))
+    cli = DiffusersDitBackbone(transformer=ref, device="cpu")
+    assert node.schedule == cli.schedule  # the family's sigma sampling and shift, read from each side's model
+    assert (node.sizes.family, node.sizes.double_blocks, node.sizes.single_blocks, node.sizes.head_dim) == \
+        (cli.sizes.family, cli.sizes.double_blocks, cli.sizes.single_blocks, cli.sizes.head_dim)
+    assert node.sizes.cross_attention_dim == cli.sizes.cross_attention_dim
+    assert node.guidance_input == cli.guidance_input == (family == "flux")
+    adapter = _adapter(fmt)
+    batch = _batch(family, clip_shape)
+    loss_node, grads_node = _step(node, adapter, batch, cli.schedule)
+    loss_cli, grads_cli = _step(cli, adapter, batch, cli.schedule)
+    assert abs(loss_node - loss_cli) <= 1e-5 * max(1.0, abs(loss_cli)), (loss_node, loss_cli)
+    assert grads_node.keys() == grads_cli.keys() == {n for n, _ in adapter.named_parameters()}
+    for name, g in grads_cli.items():
+        torch.testing.assert_close(grads_node[name], g, atol=1e-5, rtol=1e-5, msg=name)
+    assert max(float(g.abs().max()) for g in grads_cli.values()) > 1e-4  # the gradients are not all zero
+    if family == "flux":  # Flux dev's guidance input reaches both the same way
+        batch.text.extra["guidance"] = torch.full((2,), 3.5)
+        moved_node, moved_cli = _step(node, adapter, batch, cli.schedule)[0], _step(cli, adapter, batch, cli.schedule)[0]
+        assert moved_node != loss_node and abs(moved_node - moved_cli) <= 1e-5 * max(1.0, abs(moved_cli))
+
+
+def test_gradient_checkpointing_gives_the_same_step(comfy, kit, models, tmp_path):
+    family, clip_shape = CASES["instantx-flux"]
+    _, patcher = models[family]
+    nodes = importlib.import_module(kit.__name__ + ".nodes.train_dit")
+    node = nodes.ComfyDitBackbone(patcher, StandInDitClip(comfy, FLUX["context"], FLUX["pooled"]), StandInDitVae(comfy),
+                                  _clip_vision(comfy, tmp_path, siglip=True))
+    adapter, batch = _adapter("instantx-flux"), _batch(family, clip_shape)
+    plain = _step(node, adapter, batch, node.schedule)
+    node.enable_gradient_checkpointing()  # every block of the next attach recomputed in the backward pass
+    checkpointed = _step(node, adapter, batch, node.schedule)
+    assert all(p.use_checkpoint for p in node.patches.values())
+    assert plain[0] == checkpointed[0]
+    for name, g in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], g, atol=0, rtol=0, msg=name)
+
+
+def test_node_trains_a_flux_model(comfy, kit, models, tmp_path, monkeypatch):
+    """IPAKitTrain end to end on the tiny Flux: auto picks xlabs-flux for a ViT-L encoder; a validation sample
+    runs through our own encode + apply; the written file is the official layout and loads in our loader."""
+    import folder_paths
+
+    from ipa_train.adapter.formats import load_adapter
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    _, patcher = models["flux"]
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    out = train_mod.train_in_comfy(patcher, StandInDitClip(comfy, FLUX["context"], FLUX["pooled"]),
+                                   StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=False), dataset, "plain",
+                                   False, 2, 2, 1e-3, 64, 0.05, 0.05, 0.05, 0, 0, "flux-run", validate_every=2,
+                                   validation_prompt="a photo", validation_image=torch.rand(1, 64, 64, 3))
+    adapter, path, curve, validation = out.args
+    assert adapter.config.format == "xlabs-flux" and Path(path).is_file()
+    assert Path(path).parent.name == "ipadapter_kit" and validation.shape == (1, 64, 64, 3)
+    loaded = load_adapter(path)
+    assert loaded.config.format == "xlabs-flux" and loaded.config.blocks == FLUX["depth"]
+    for (name, a), (_, b) in zip(sorted(adapter.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert torch.equal(a, b), name
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:  # the official XLabs keys, as diffusers and the peer packs read them
+        keys = set(f.keys())
+    assert "ip_adapter_proj_model.proj.weight" in keys
+    assert "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight" in keys
+
+
+def test_bad_combinations_are_one_line_before_work(comfy, kit, models, tmp_path, monkeypatch):
+    import folder_paths
+
+    from ipa_train.errors import IPAKitError
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    vit = _clip_vision(comfy, tmp_path, siglip=False)
+    clip = StandInDitClip(comfy, FLUX["context"], FLUX["pooled"])
+    cases = [
+        (models["flux"][1], vit, dict(format="instantx-sd3"), "format instantx-sd3 is a SD3.5 layout, but the MODEL is Flux"),
+        (models["sd3"][1], vit, dict(format="auto"), "format instantx-sd3 reads SigLIP"),
+        (models["flux"][1], vit, dict(format="instantx-flux"), "format instantx-flux reads SigLIP"),
+        (models["flux"][1], vit, dict(format="xlabs-flux", projection="plus"), "projection plus"),
+        (models["flux"][1], vit, dict(adapter=_adapter("instantx-sd3")), "instantx-sd3 is a SD3.5 layout, but the MODEL is Flux"),
+        (models["flux"][1], vit, dict(adapter=SimpleNamespace(config=SimpleNamespace(variant="plain"))),
+         "the adapter to fine-tune is a UNet \\(plain\\) adapter, but the MODEL is Flux"),
+    ]
+    for model, cv, options, message in cases:
+        projection = options.pop("projection", "plain")
+        with pytest.raises(IPAKitError, match=message) as e:
+            train_mod.train_in_comfy(model, clip, StandInDitVae(comfy), cv, dataset, projection, False, 1, 1, 1e-4, 64,
+                                     0, 0, 0, 0, 0, "bad-run", **options)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "output").exists()  # refused before anything was written
