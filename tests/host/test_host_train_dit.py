@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,3 +243,37 @@ def test_bad_combinations_are_one_line_before_work(comfy, kit, models, tmp_path,
                                      0, 0, 0, 0, 0, "bad-run", **options)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "output").exists()  # refused before anything was written
+
+
+class TokenizingClip:
+    """ComfyUI's own Flux / SD3 tokenizer, and an encoder whose output is as long as ComfyUI's text encoder would
+    make it (SD3: 77 per CLIP chunk, then T5; Flux: T5), so captions of any length are measured for real."""
+
+    def __init__(self, tokenizer, family: str):
+        self.tokenizer, self.family = tokenizer, family
+
+    def tokenize(self, text):
+        return self.tokenizer.tokenize_with_weights(text)
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        t5 = sum(len(chunk) for chunk in tokens["t5xxl"])
+        clip = 77 * len(tokens["l"]) if self.family == "sd3" else 0
+        return torch.zeros(1, clip + t5, 8), torch.zeros(1, 4)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_captions_of_any_length_batch_together(comfy, kit, models, tmp_path, family):
+    """Every caption (the empty one too) encodes to ComfyUI's own padded length, long ones cut there, so cached
+    text conditions of different captions stack in one batch."""
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+
+    nodes = importlib.import_module(kit.__name__ + ".nodes.train_dit")
+    tokenizer = (comfy.text_encoders.flux.FluxTokenizer() if family == "flux"
+                 else comfy.text_encoders.sd3_clip.SD3Tokenizer())
+    node = nodes.ComfyDitBackbone(models[family][1], TokenizingClip(tokenizer, family), StandInDitVae(comfy),
+                                  _clip_vision(comfy, tmp_path, siglip=True))
+    long = " ".join(["a very long caption about a red bicycle leaning on a wall"] * 40)
+    text = node.encode_text(["a cat", long, ""])
+    assert text.hidden.shape[:2] == (3, 256 if family == "flux" else 77 + 77)
+    assert text.extra["pooled"].shape == (3, 4)
