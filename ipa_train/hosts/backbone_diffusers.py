@@ -78,11 +78,19 @@ class DiffusersBackbone:
             "tokenizer_2": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer_2"),
             "scheduler": lambda: self._from_base("diffusers", "DDPMScheduler", "scheduler"),
             "image_encoder": self._load_image_encoder,
+            **self._extra_loaders(),
             **self._factories,
         }
         self.patch: DiffusersAdapterPatch | None = None
         self._lora_hooks: list[Any] = []
         self._size_conditioning: bool | None = None
+        self._read_schedule()
+
+    def _extra_loaders(self) -> dict[str, Callable[[], Any]]:
+        """Loaders a subclass adds or replaces (factories still win)."""
+        return {}
+
+    def _read_schedule(self) -> None:
         sched = self.get("scheduler")
         self.prediction_type = str(sched.config.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -179,11 +187,13 @@ class DiffusersBackbone:
     def unet(self) -> Any:
         return self.get("unet")
 
+    parts = _PARTS  # component names of each releasable part
+
     def release(self, parts: tuple[str, ...]) -> None:
         if self.keep_encoders:
             return
         for part in parts:
-            for name in _PARTS[part]:
+            for name in self.parts[part]:
                 self._models[name] = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
