@@ -142,7 +142,7 @@ def _step(backbone, adapter, batch, schedule, seed: int = 7):
 
 @pytest.mark.parametrize("fmt", list(CASES))
 def test_node_step_equals_the_command_line_step(comfy, kit, models, tmp_path, fmt):
-    from ipa_train.hosts.backbone_dit import DiffusersDitBackbone
+    from ipa_train.hosts.backbone_dit import DitBackbone
 
     family, clip_shape = CASES[fmt]
     ref, patcher = models[family]
@@ -150,7 +150,7 @@ def test_node_step_equals_the_command_line_step(comfy, kit, models, tmp_path, fm
     sizes = FLUX if family == "flux" else SD3
     node = nodes.ComfyDitBackbone(patcher, StandInDitClip(comfy, sizes["context"], sizes["pooled"]),
                                   StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux"))
-    cli = DiffusersDitBackbone(transformer=ref, device="cpu")
+    cli = DitBackbone(device="cpu", components={"transformer": ref})
     assert node.schedule == cli.schedule  # the family's sigma sampling and shift, read from each side's model
     assert (node.sizes.family, node.sizes.double_blocks, node.sizes.single_blocks, node.sizes.head_dim) == \
         (cli.sizes.family, cli.sizes.double_blocks, cli.sizes.single_blocks, cli.sizes.head_dim)
