@@ -187,39 +187,60 @@ def test_gradient_checkpointing_gives_the_same_step(comfy, kit, models, tmp_path
         torch.testing.assert_close(checkpointed[1][name], g, atol=0, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_node_trains_end_to_end(comfy, kit, models, tmp_path, monkeypatch, family):
-    """IPAKitTrain end to end on the tiny models: auto picks xlabs-flux for Flux with a ViT-L encoder and
-    instantx-sd3 for SD3 (SigLIP hidden states); a validation sample runs through our own encode + apply; the
-    written file is the official layout and loads in our loader."""
+def _siglip_head_file(folder: Path) -> None:
+    """A SigLIP file holding only the attention-pooling head (`vision_model.head.*`, width 1152, MLP 64)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"probe": (1, 1, 1152), "attention.in_proj_weight": (3456, 1152), "attention.in_proj_bias": (3456,),
+              "attention.out_proj.weight": (1152, 1152), "attention.out_proj.bias": (1152,),
+              "layernorm.weight": (1152,), "layernorm.bias": (1152,), "mlp.fc1.weight": (64, 1152),
+              "mlp.fc1.bias": (64,), "mlp.fc2.weight": (1152, 64), "mlp.fc2.bias": (1152,)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"vision_model.head.{k}": torch.randn(s, generator=g) * 0.03 for k, s in shapes.items()},
+              str(folder / "siglip-so400m.safetensors"))
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_node_trains_end_to_end(comfy, kit, models, tmp_path, monkeypatch, fmt):
+    """IPAKitTrain end to end on the tiny models, format auto: xlabs-flux for Flux with a ViT-L encoder,
+    instantx-flux with SigLIP (pooled by the head file in models/clip_vision), instantx-sd3 for SD3; a validation
+    sample runs through our own encode + apply; the written file is the official layout and loads in our loader."""
     import folder_paths
     from safetensors import safe_open
 
     from ipa_train.adapter.formats import load_adapter
 
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    heads = tmp_path / "clip_vision"
+    _siglip_head_file(heads)
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(heads / name))
+    monkeypatch.setattr(folder_paths, "get_filename_list", lambda kind: sorted(p.name for p in heads.iterdir()))
+    family = CASES[fmt][0]
     _, patcher = models[family]
     sizes = FLUX if family == "flux" else SD3
     train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
     dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
     out = train_mod.train_in_comfy(patcher, StandInDitClip(comfy, sizes["context"], sizes["pooled"]),
-                                   StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=family == "sd3"), dataset,
-                                   "plain", False, 2, 2, 1e-3, 64, 0.05, 0.05, 0.05, 0, 0, f"{family}-run",
+                                   StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux"), dataset,
+                                   "plain", False, 2, 2, 1e-3, 64, 0.05, 0.05, 0.05, 0, 0, f"{fmt}-run",
                                    validate_every=2, validation_prompt="a photo",
                                    validation_image=torch.rand(1, 64, 64, 3))
     adapter, path, curve, validation = out.args
-    fmt = "xlabs-flux" if family == "flux" else "instantx-sd3"
     assert adapter.config.format == fmt and Path(path).is_file()
     assert Path(path).parent.name == "ipadapter_kit" and validation.shape == (1, 64, 64, 3)
     assert bool(torch.isfinite(validation).all()) and bool((validation != 0).any())
     loaded = load_adapter(path)
-    assert loaded.config.format == fmt and loaded.config.blocks == sizes["depth"]
+    assert loaded.config.format == fmt
+    assert loaded.config.blocks == sizes["depth"] + (FLUX["single"] if fmt == "instantx-flux" else 0)
     for (name, a), (_, b) in zip(sorted(adapter.state_dict().items()), sorted(loaded.state_dict().items())):
         assert torch.equal(a, b), name
     with safe_open(path, "pt") as f:  # the official keys, as diffusers and the peer packs read them
         keys = set(f.keys())
-    expect = (["ip_adapter_proj_model.proj.weight", "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"]
-              if family == "flux" else ["image_proj.latents", "ip_adapter.0.norm_ip.linear.weight"])
+    expect = {"xlabs-flux": ["ip_adapter_proj_model.proj.weight",
+                             "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"],
+              "instantx-flux": ["image_proj.proj.2.weight", f"ip_adapter.{sizes['depth'] + 1}.to_k_ip.weight"],
+              "instantx-sd3": ["image_proj.latents", "ip_adapter.0.norm_ip.linear.weight"]}[fmt]
     assert set(expect) <= keys
 
 
