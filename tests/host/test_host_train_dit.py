@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,8 @@ from ipa_train.adapter.dit_modules import build_dit_adapter
 
 from .. import dit_factories as fac
 from .dit_models import FLUX, SD3, tiny_flux, tiny_sd3
-from .test_host_train_memory import _patcher
+from .test_host_train_memory import StandInVae, _patcher
+from .test_host_train_memory import _clip_vision as clip_vision_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DATA = ROOT / "ipa_train" / "demo_data"
@@ -41,26 +41,17 @@ def models(comfy):
 
 
 def _clip_vision(comfy, tmp_path, siglip: bool):
-    """ComfyUI's ClipVisionModel from a tiny config: a ViT-L-like one (projection 768) or a SigLIP-like one
-    (width 1152, no projection, 384 px, mean/std 0.5), random weights."""
-    import comfy.clip_vision
-
-    if siglip:
-        config = {"model_type": "siglip_vision_model", "num_hidden_layers": 2, "hidden_size": 1152,
-                  "num_attention_heads": 16, "intermediate_size": 64, "hidden_act": "gelu_pytorch_tanh",
-                  "num_channels": 3, "patch_size": 96, "image_size": 384, "image_mean": [0.5] * 3,
-                  "image_std": [0.5] * 3, "layer_norm_eps": 1e-6}
-    else:
-        config = {"model_type": "clip_vision_model", "num_hidden_layers": 2, "hidden_size": 32,
-                  "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "num_channels": 3,
-                  "patch_size": 32, "image_size": 224, "projection_dim": 768}
-    path = tmp_path / ("siglip.json" if siglip else "vit.json")
-    path.write_text(json.dumps(config))
-    cv = comfy.clip_vision.ClipVisionModel(str(path))
-    g = torch.Generator().manual_seed(1)
-    cv.load_sd({k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if "norm" in k and k.endswith("weight") else 0.0))
-                for k, v in cv.get_sd().items()})
-    return cv
+    """A tiny ComfyUI ClipVisionModel: ViT-L-like (projection 768) or SigLIP-like (width 1152, no projection,
+    384 px, mean/std 0.5)."""
+    if not siglip:
+        return clip_vision_model(comfy, tmp_path, {
+            "model_type": "clip_vision_model", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+            "intermediate_size": 64, "hidden_act": "gelu", "num_channels": 3, "patch_size": 32, "image_size": 224,
+            "projection_dim": 768})
+    return clip_vision_model(comfy, tmp_path, {
+        "model_type": "siglip_vision_model", "num_hidden_layers": 2, "hidden_size": 1152, "num_attention_heads": 16,
+        "intermediate_size": 64, "hidden_act": "gelu_pytorch_tanh", "num_channels": 3, "patch_size": 96,
+        "image_size": 384, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
 
 
 class StandInDitClip:
@@ -82,17 +73,11 @@ class StandInDitClip:
         return out[..., :self.context], out[:, -1, self.context:]
 
 
-class StandInDitVae:
+class StandInDitVae(StandInVae):
     """A 16-channel VAE as training and validation call it: encode(IMAGE) -> [B, 16, H/8, W/8], decode back."""
 
     def __init__(self, comfy):
-        self.mm = comfy.model_management
-        self.module = torch.nn.Conv2d(3, 16, 8, stride=8)
-        self.patcher = _patcher(comfy, self.module)
-
-    def encode(self, image):
-        self.mm.load_models_gpu([self.patcher])
-        return self.module(image.movedim(-1, 1) * 2 - 1)
+        super().__init__(comfy, channels=16)
 
     def decode(self, latent):
         return torch.nn.functional.interpolate(latent[:, :3], scale_factor=8).movedim(1, -1).sigmoid()
