@@ -180,3 +180,60 @@ def test_exported_file_loads_as_the_official_format(tmp_path, fmt):
     assert loaded.config.format == fmt and loaded.config.blocks == adapter.config.blocks
     for (name, ours), theirs in zip(adapter.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(ours, theirs), name
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop's guarantees on a DiT run: resume bit-equal, NaN stop, fine-tuning, gradient checkpointing
+
+
+def _run(tmp_path: Path, out: str, fmt: str = "xlabs-flux", **opts):
+    from ipa_train.training.train import train
+
+    backbone = DitBackbone(components=components(tmp_path / "models", fmt), device="cpu", max_sequence_length=8)
+    config = TrainConfig(**{"output_dir": str(tmp_path / out), "format": fmt, "resolution": RES, "batch_size": 2,
+                            "lr": 1e-3, "save_every": 0, "log_every": 0, "num_tokens": TOKENS[fmt], **opts})
+    return train(config, backbone, load_dataset(DEMO, resolution=RES))
+
+
+def test_resume_is_bit_equal(tmp_path):
+    opts = {"steps": 4, "warmup_steps": 2, "drop_text": 0.3, "drop_image": 0.3, "drop_both": 0.2, "seed": 3,
+            "gradient_accumulation": 2}
+    straight = _run(tmp_path, "a", **opts)
+    from ipa_train.training.train import train
+
+    backbone = DitBackbone(components=components(tmp_path / "models", "xlabs-flux"), device="cpu", max_sequence_length=8)
+    config = TrainConfig(output_dir=str(tmp_path / "b"), format="xlabs-flux", resolution=RES, batch_size=2, lr=1e-3,
+                         save_every=0, log_every=0, num_tokens=4, **opts)
+    calls = []
+    stopped = train(config, backbone, load_dataset(DEMO, resolution=RES), should_stop=lambda: len(calls) >= 2,
+                    progress=lambda s, n, loss: calls.append(s))
+    assert stopped.stopped and stopped.steps == 2
+    resumed = _run(tmp_path, "b", resume="latest", **opts)
+    assert resumed.steps == 4 and resumed.losses == straight.losses
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(resumed.adapter.state_dict()[k], v), k
+
+
+def test_nan_stops_with_one_line_and_no_export(tmp_path):
+    from ipa_train.training.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as e:
+        _run(tmp_path, "nan", steps=3, lr=1e30)
+    assert "training diverged at step" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "nan" / "ip-adapter.safetensors").exists()
+
+
+def test_fine_tuning_starts_from_the_official_file(tmp_path):
+    first = _run(tmp_path, "a", steps=2)
+    tuned = _run(tmp_path, "b", steps=1, lr=1e-5, init_adapter=str(first.adapter_path))
+    diff = max((tuned.adapter.state_dict()[k] - v).abs().max().item() for k, v in first.adapter.state_dict().items())
+    assert 0 < diff < 1e-3  # one small step from the file, not a fresh start
+
+
+@pytest.mark.parametrize("fmt", ["xlabs-flux", "instantx-sd3"])
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, fmt):
+    plain = _run(tmp_path, "a", fmt, steps=2)
+    checkpointed = _run(tmp_path, "b", fmt, steps=2, gradient_checkpointing=True)
+    assert abs(plain.losses[-1] - checkpointed.losses[-1]) < 1e-6
+    for k, v in plain.adapter.state_dict().items():
+        torch.testing.assert_close(checkpointed.adapter.state_dict()[k], v, rtol=0, atol=1e-6)
