@@ -102,3 +102,16 @@ def sd3_components(folder: Path, seed: int = 0) -> dict:
 
 def components(folder: Path, fmt: str, seed: int = 0) -> dict:
     return sd3_components(folder, seed) if fmt == "instantx-sd3" else flux_components(folder, fmt, seed)
+
+
+def write_folder(folder: Path, fmt: str, seed: int = 0) -> tuple[Path, Path]:
+    """A diffusers-style base-model folder (transformer/, vae/, text_encoder*/, tokenizer*/) and an image-encoder
+    folder, as the command line reads them."""
+    folder = Path(folder)
+    parts = components(folder / "tmp", fmt, seed)
+    encoder = folder / "image_encoder"
+    parts.pop("image_encoder").save_pretrained(str(encoder))
+    base = folder / "base"
+    for name, module in parts.items():
+        module.save_pretrained(str(base / name))
+    return base, encoder

@@ -8,10 +8,7 @@ dataset, releases the encoders (T5-XXL alone is 4.7 B parameters), and only then
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +16,7 @@ import torch
 from ..adapter.dit_modules import DitAdapter, ImageTokens
 from ..errors import IPAKitError
 from ..training.backbone import CLIP_INPUT, BackboneSizes, ImageInput, TextCondition
+from ..training.dit import transformer_family
 from ..training.schedules import DynamicShift, FlowMatchSchedule
 from .backbone_diffusers import DiffusersBackbone
 from .diffusers_flux import install_flux, predict_flux, restore
@@ -28,17 +26,6 @@ logger = logging.getLogger(__name__)
 
 _CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 _TEXT = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3")}
-
-
-def transformer_family(base_model: str | os.PathLike) -> str | None:
-    """"flux" | "sd3" from a diffusers folder's transformer/config.json (reads one small file), else None."""
-    config = Path(base_model, "transformer", "config.json")
-    if not config.is_file():
-        return None
-    try:
-        return _CLASSES.get(json.loads(config.read_text()).get("_class_name"))
-    except (OSError, ValueError):
-        return None
 
 
 class DitBackbone(DiffusersBackbone):
@@ -65,10 +52,10 @@ class DitBackbone(DiffusersBackbone):
             "transformer": lambda: self._from_base("diffusers", self._transformer_class(), "transformer"),
             "text_encoder_2": lambda: self._from_base(tf, "T5EncoderModel" if self.family == "flux"
                                                       else "CLIPTextModelWithProjection", "text_encoder_2"),
-            "tokenizer_2": lambda: self._from_base(tf, "T5TokenizerFast" if self.family == "flux" else "CLIPTokenizer",
+            "tokenizer_2": lambda: self._from_base(tf, "AutoTokenizer",
                                                    "tokenizer_2"),
             "text_encoder_3": lambda: self._from_base(tf, "T5EncoderModel", "text_encoder_3"),
-            "tokenizer_3": lambda: self._from_base(tf, "T5TokenizerFast", "tokenizer_3"),
+            "tokenizer_3": lambda: self._from_base(tf, "AutoTokenizer", "tokenizer_3"),
         }
 
     def _transformer_class(self) -> str:

@@ -12,7 +12,7 @@ from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
 from .backbone import Backbone
 from .config import TrainConfig
-from .dit import build_dit_adapter, init_file_config, new_config
+from .dit import build_dit_adapter, fitted_config, init_file_config, new_config
 from .faceid import face_adapter_config
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter | DitAda
 def adapter_shape(config: TrainConfig, backbone: Backbone) -> AdapterConfig | object:
     """The config of the adapter a run trains, without building it (no model loads): for the pre-flight."""
     if config.is_dit:
-        return init_file_config(config.init_adapter, config)[0] if config.init_adapter else new_config(config, backbone.sizes)
+        want = new_config(config, backbone.sizes)
+        if not config.init_adapter:
+            return want
+        return fitted_config(init_file_config(config.init_adapter, config)[0], want, config.init_adapter)
     cfg = load_adapter(config.init_adapter).config if config.init_adapter else adapter_config_for(config, backbone)
     return cfg.replace(fusion=cfg.fusion or config.fusion)

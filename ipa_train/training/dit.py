@@ -4,8 +4,10 @@ official file of that layout to fine-tune) and the checks that stop a mismatch i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,10 +38,12 @@ def resolve_format(config: TrainConfig, family: str) -> TrainConfig:
         choices = ", ".join(f for f, (fam, _) in DIT_TRAIN_FORMATS.items() if fam == family)
         raise TrainConfigError(f"--format {fmt} is a {FAMILY_LABEL[DIT_TRAIN_FORMATS[fmt][0]]} layout, but the base "
                                f"model is {FAMILY_LABEL[family]}; use --format {choices} (or auto)")
-    if config.is_faceid or config.fusion:
-        raise TrainConfigError(f"the base model is {FAMILY_LABEL[family]}: --projection {config.projection}"
-                               f"{' and --fusion' if config.fusion else ''} are UNet options; leave them out "
-                               f"(--format {fmt} sets the projection)")
+    unet_only = ([f"--projection {config.projection}"] if config.projection != "plain" else []) + \
+        (["--fusion"] if config.fusion else [])
+    if unet_only:
+        raise TrainConfigError(f"the base model is {FAMILY_LABEL[family]}: {' and '.join(unet_only)} "
+                               f"{'is a UNet option' if len(unet_only) == 1 else 'are UNet options'}; leave "
+                               f"{'it' if len(unet_only) == 1 else 'them'} out (--format {fmt} sets the projection)")
     if config.resolution % PATCH_PIXELS:
         lo = config.resolution // PATCH_PIXELS * PATCH_PIXELS
         raise TrainConfigError(f"--resolution {config.resolution}: {FAMILY_LABEL[family]} patches the latent in 2x2 "
@@ -66,7 +70,7 @@ def init_file_config(path: str, config: TrainConfig) -> tuple[DitConfig, dict[st
                                "from scratch")
     cfg = detect_dit_config(tensors, os.fspath(real))
     if cfg.format != config.format:
-        raise TrainConfigError(f"{path}: this is a {cfg.format} ({FAMILY_LABEL[cfg.family]}) adapter, the run trains "
+        raise TrainConfigError(f"{path}: this is a {FAMILY_LABEL[cfg.family]} adapter of format {cfg.format}, the run trains "
                                f"{config.format}; use --format {cfg.format} (on a {FAMILY_LABEL[cfg.family]} base "
                                "model) or an init file of the run's format")
     return cfg, tensors
@@ -79,21 +83,28 @@ def build_dit_adapter(config: TrainConfig, sizes: BackboneSizes) -> DitAdapter:
     if not config.init_adapter:
         return init_for_training(DitAdapter(want))
     file_cfg, tensors = init_file_config(config.init_adapter, config)
-    cfg = dataclasses.replace(want, num_tokens=file_cfg.num_tokens, proj_hidden=file_cfg.proj_hidden,
-                              resampler_dim=file_cfg.resampler_dim, resampler_depth=file_cfg.resampler_depth,
-                              resampler_heads=file_cfg.resampler_heads, timestep_in_dim=file_cfg.timestep_in_dim,
-                              timestep_emb_dim=file_cfg.timestep_emb_dim)
-    if (file_cfg.hidden_size, file_cfg.context_dim, file_cfg.blocks) != (cfg.hidden_size, cfg.context_dim, cfg.blocks):
-        raise TrainConfigError(
-            f"{config.init_adapter}: this {file_cfg.format} adapter (width {file_cfg.hidden_size}, tokens "
-            f"{file_cfg.context_dim} wide, {file_cfg.blocks} blocks) was made for another transformer than the one "
-            f"being trained (width {cfg.hidden_size}, tokens {cfg.context_dim} wide, {cfg.blocks} blocks)")
+    cfg = fitted_config(file_cfg, want, config.init_adapter)
     adapter = DitAdapter(cfg)
     load_state(adapter, tensors, config.init_adapter)
     if config.num_tokens and config.num_tokens != cfg.num_tokens:
         logger.info("fine-tuning %s: %d tokens taken from the file (option says %d)", config.init_adapter,
                     cfg.num_tokens, config.num_tokens)
     return adapter
+
+
+def fitted_config(file_cfg: DitConfig, want: DitConfig, path: str) -> DitConfig:
+    """The config of a fine-tuning run: the transformer's widths and block split, the file's projection sizes;
+    one line when the file was made for another transformer (width, token width or block count)."""
+    if (file_cfg.hidden_size, file_cfg.context_dim, file_cfg.blocks) != (want.hidden_size, want.context_dim, want.blocks):
+        raise TrainConfigError(
+            f"{path}: this {file_cfg.format} adapter (width {file_cfg.hidden_size}, tokens {file_cfg.context_dim} "
+            f"wide, {file_cfg.blocks} blocks) was made for another transformer than the one being trained (width "
+            f"{want.hidden_size}, tokens {want.context_dim} wide, {want.blocks} blocks): give the adapter made for "
+            "this base model")
+    return dataclasses.replace(want, num_tokens=file_cfg.num_tokens, proj_hidden=file_cfg.proj_hidden,
+                               resampler_dim=file_cfg.resampler_dim, resampler_depth=file_cfg.resampler_depth,
+                               resampler_heads=file_cfg.resampler_heads, timestep_in_dim=file_cfg.timestep_in_dim,
+                               timestep_emb_dim=file_cfg.timestep_emb_dim)
 
 
 def load_state(adapter: DitAdapter, tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -105,5 +116,42 @@ def load_state(adapter: DitAdapter, tensors: dict[str, torch.Tensor], path: str)
     adapter.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
 
 
-def dit_config_from_dict(d: dict) -> DitConfig:
-    return DitConfig(**{f.name: d[f.name] for f in dataclasses.fields(DitConfig) if f.name in d})
+_TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def transformer_family(base_model: str | os.PathLike) -> str | None:
+    """"flux" | "sd3" from a diffusers folder's transformer/config.json (one small file), else None."""
+    config = Path(base_model, "transformer", "config.json")
+    if not config.is_file():
+        return None
+    try:
+        return _TRANSFORMER_CLASSES.get(json.loads(config.read_text()).get("_class_name"))
+    except (OSError, ValueError):
+        return None
+
+
+def base_model_family(base_model: str | os.PathLike | None, config: TrainConfig) -> str:
+    """The family of a run's base model without loading it: a local diffusers folder's transformer config (or its
+    unet/ folder), else the family of `--format` (a hub id), else "unet"."""
+    if base_model and Path(base_model).is_dir():
+        found = transformer_family(base_model)
+        if found or Path(base_model, "unet").is_dir():
+            return found or "unet"
+    return DIT_TRAIN_FORMATS[config.format][0] if config.is_dit else "unet"
+
+
+def check_run(config: TrainConfig, base_model: str | os.PathLike | None) -> tuple[TrainConfig, str]:
+    """What the command line checks before any model loads: the format against the base model's family, the
+    resolution, and the init file's family and format. Returns the resolved config and the family."""
+    family = base_model_family(base_model, config)
+    config = resolve_format(config, family)
+    if config.init_adapter and config.is_dit:
+        init_file_config(config.init_adapter, config)
+    elif config.init_adapter:
+        tensors, _, _ = read_tensors(config.init_adapter)
+        v = find_variant(tensors)
+        if v is not None:
+            raise TrainConfigError(f"{config.init_adapter}: this is a {v.format} ({FAMILY_LABEL[v.family]}) adapter; it "
+                                   f"fine-tunes on a {FAMILY_LABEL[v.family]} base model with --format {v.format}, "
+                                   f"not on this {FAMILY_LABEL['unet']} model")
+    return config, family
