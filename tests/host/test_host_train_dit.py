@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -227,6 +228,31 @@ def test_node_trains_end_to_end(comfy, kit, models, tmp_path, monkeypatch, fmt):
               "instantx-flux": ["image_proj.proj.2.weight", f"ip_adapter.{sizes['depth'] + 1}.to_k_ip.weight"],
               "instantx-sd3": ["image_proj.latents", "ip_adapter.0.norm_ip.linear.weight"]}[fmt]
     assert set(expect) <= keys
+
+
+def test_cancel_then_queue_again_resumes_a_flux_run(comfy, kit, models, tmp_path, monkeypatch, caplog):
+    """Cancel (ComfyUI's interrupt flag) after the first step writes a checkpoint and stops; queueing the same name
+    again resumes from it and finishes the remaining step, the losses of both runs in one history."""
+    import comfy.model_management as mm
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    args = (models["flux"][1], StandInDitClip(comfy, FLUX["context"], FLUX["pooled"]), StandInDitVae(comfy),
+            _clip_vision(comfy, tmp_path, siglip=False), dataset, "plain", False, 2, 1, 1e-3, 64, 0, 0, 0, 0, 0, "resume")
+    polls = []
+    monkeypatch.setattr(mm, "processing_interrupted", lambda: polls.append(1) or len(polls) > 1)
+    with pytest.raises(mm.InterruptProcessingException):
+        train_mod.train_in_comfy(*args)
+    checkpoints = tmp_path / "output" / train_mod.RUNS_SUBDIR / "resume" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-000001"]
+    monkeypatch.setattr(mm, "processing_interrupted", lambda: False)
+    with caplog.at_level(logging.INFO):
+        out = train_mod.train_in_comfy(*args)
+    assert "resuming resume from its last checkpoint" in caplog.text
+    assert any("resumed" in r.getMessage() and "step 1" in r.getMessage() for r in caplog.records), caplog.text
+    assert out.args[0].config.format == "xlabs-flux" and "2 steps" in out.ui["text"][0]
 
 
 def test_bad_combinations_are_one_line_before_work(comfy, kit, models, tmp_path, monkeypatch):
