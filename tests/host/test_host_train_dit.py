@@ -157,17 +157,28 @@ def test_node_step_equals_the_command_line_step(comfy, kit, models, tmp_path, fm
         assert moved_node != loss_node and abs(moved_node - moved_cli) <= 1e-5 * max(1.0, abs(moved_cli))
 
 
-def test_gradient_checkpointing_gives_the_same_step(comfy, kit, models, tmp_path):
-    family, clip_shape = CASES["instantx-flux"]
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_gradient_checkpointing_gives_the_same_step(comfy, kit, models, tmp_path, monkeypatch, fmt):
+    """The same loss and gradients bit for bit; every block runs a second time in the backward pass."""
+    from ipa_train.hosts.comfy import dit_train
+
+    calls = []
+    for name in ("run_double", "run_single", "run_joint"):
+        real = getattr(dit_train, name)
+        monkeypatch.setattr(dit_train, name, lambda *a, real=real: calls.append(1) or real(*a))
+    family, clip_shape = CASES[fmt]
     _, patcher = models[family]
+    sizes = FLUX if family == "flux" else SD3
     nodes = importlib.import_module(kit.__name__ + ".nodes.train_dit")
-    node = nodes.ComfyDitBackbone(patcher, StandInDitClip(comfy, FLUX["context"], FLUX["pooled"]), StandInDitVae(comfy),
-                                  _clip_vision(comfy, tmp_path, siglip=True))
-    adapter, batch = _adapter("instantx-flux"), _batch(family, clip_shape)
+    node = nodes.ComfyDitBackbone(patcher, StandInDitClip(comfy, sizes["context"], sizes["pooled"]),
+                                  StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux"))
+    adapter, batch = _adapter(fmt), _batch(family, clip_shape)
     plain = _step(node, adapter, batch, node.schedule)
+    blocks = len(calls)
+    assert blocks == len(node.patches)
     node.enable_gradient_checkpointing()  # every block of the next attach recomputed in the backward pass
     checkpointed = _step(node, adapter, batch, node.schedule)
-    assert all(p.use_checkpoint for p in node.patches.values())
+    assert all(p.use_checkpoint for p in node.patches.values()) and len(calls) == blocks + 2 * blocks
     assert plain[0] == checkpointed[0]
     for name, g in plain[1].items():
         torch.testing.assert_close(checkpointed[1][name], g, atol=0, rtol=0, msg=name)
