@@ -241,6 +241,26 @@ def test_node_trains_end_to_end(comfy, kit, models, tmp_path, monkeypatch, fmt):
     assert set(expect) <= keys
 
 
+def test_node_fine_tunes_an_official_sd3_adapter(comfy, kit, models, tmp_path, monkeypatch):
+    """An adapter connected to IPAKitTrain is the start (format auto takes it): one step at a tiny learning rate
+    leaves its weights (16 tokens, not the layout's default 64) almost as they were."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    start = _adapter("instantx-sd3")
+    out = train_mod.train_in_comfy(models["sd3"][1], StandInDitClip(comfy, SD3["context"], SD3["pooled"]),
+                                   StandInDitVae(comfy), _clip_vision(comfy, tmp_path, siglip=True), dataset, "plain",
+                                   False, 1, 1, 1e-7, 64, 0, 0, 0, 0, 0, "fine-tune", adapter=start)
+    tuned = out.args[0]
+    assert tuned.config.format == "instantx-sd3" and tuned.config.num_tokens == 16
+    before, after = start.state_dict(), tuned.state_dict()
+    assert before.keys() == after.keys()
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-5
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # it did train
+
+
 def test_cancel_then_queue_again_resumes_a_flux_run(comfy, kit, models, tmp_path, monkeypatch, caplog):
     """Cancel (ComfyUI's interrupt flag) after the first step writes a checkpoint and stops; queueing the same name
     again resumes from it and finishes the remaining step, the losses of both runs in one history."""
