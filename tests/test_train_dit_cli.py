@@ -4,7 +4,6 @@ resume bit-equal, the NaN stop and gradient checkpointing."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
