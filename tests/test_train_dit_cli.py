@@ -4,7 +4,6 @@ resume bit-equal, the NaN stop and gradient checkpointing."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +102,28 @@ def test_bad_inputs_stop_in_one_line_before_any_model_loads(tmp_path, flux_dirs,
     err = _one_line(capsys, _argv(flux_dirs, out, "--init-adapter", str(other)))
     assert "xlabs.safetensors" in err and "3 blocks" in err and "made for another transformer" in err
     assert all(not [e for e in b.events if e[0] == "load"] for b in made)  # refused before any model loaded
+
+
+@pytest.mark.slow  # two torchrun launches: about a minute each on 2 loaded cores
+def test_two_processes_train_and_resume_to_the_same_weights(tmp_path, flux_dirs):
+    """torchrun with 2 CPU processes (gloo DDP, as `accelerate launch`): the global batch spans both, and a run
+    resumed from its checkpoint ends with the weights of an uninterrupted one."""
+    import subprocess
+    import sys
+
+    from ipa_train.adapter.formats import load_adapter
+
+    def run(out, steps, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "ipa_train", *_argv(flux_dirs, out, "--steps", str(steps), "--batch-size", "1", "--save-every", "1",
+                                   "--log-every", "1", "--seed", "3", *extra)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    whole = run(tmp_path / "whole", 2, "--keep-checkpoints", "0")
+    assert "2 steps of 1 x 2 sample(s)" in whole.stderr and whole.stderr.count("step 2/2") == 1
+    run(tmp_path / "split", 2, "--resume", str(tmp_path / "whole" / "checkpoints" / "checkpoint-000001"))
+    a = load_adapter(tmp_path / "whole" / "ip-adapter.safetensors").state_dict()
+    b = load_adapter(tmp_path / "split" / "ip-adapter.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
