@@ -217,6 +217,7 @@ def training_format(model, clip_vision, fmt: str, projection: str, fusion: bool,
                                    f"({_FAMILY[adapter.config.family]}), but the MODEL is a UNet model: connect a "
                                    f"{_FAMILY[adapter.config.family]} model or an SD1.5 / SDXL adapter")
         return ""
+    _check_architecture(model.get_model_object("diffusion_model"), family)
     if adapter is not None and not is_dit(adapter):
         raise TrainConfigError(f"IPAKitTrain: the adapter to fine-tune is a UNet ({adapter.config.variant}) adapter, "
                                f"but the MODEL is {_FAMILY[family]}: connect an official {_FAMILY[family]} adapter, "
@@ -238,6 +239,21 @@ def training_format(model, clip_vision, fmt: str, projection: str, fusion: bool,
                                "and fusion off")
     _check_encoder(clip_vision, fmt)
     return fmt
+
+
+def _check_architecture(dm, family: str) -> None:
+    """Flux.2 / Chroma (shared modulation) and SD3.5 Medium (second self-attention) are not what the official
+    layouts patch: one line before any work."""
+    from ipa_train.errors import TrainConfigError
+
+    if family == "flux" and (getattr(getattr(dm, "params", None), "global_modulation", False)
+                             or not getattr(dm.double_blocks[0], "modulation", True)):
+        raise TrainConfigError("IPAKitTrain: this Flux-type MODEL (Flux.2 / Chroma) modulates its blocks from a "
+                               "shared tuple; the Flux adapter layouts are made for FLUX.1: load a FLUX.1 dev or "
+                               "schnell model")
+    if family == "sd3" and any(getattr(b.x_block, "x_block_self_attn", False) for b in dm.joint_blocks):
+        raise TrainConfigError("IPAKitTrain: this MMDiT MODEL has a second self-attention per block (SD3.5 Medium); "
+                               "the instantx-sd3 layout is made for SD3.5 Large: load SD3.5 Large")
 
 
 def _check_encoder(clip_vision, fmt: str) -> None:

@@ -305,6 +305,11 @@ def test_bad_combinations_are_one_line_before_work(comfy, kit, models, tmp_path,
         (models["flux"][1], vit, dict(adapter=SimpleNamespace(config=SimpleNamespace(variant="plain"))),
          "the adapter to fine-tune is a UNet \\(plain\\) adapter, but the MODEL is Flux"),
     ]
+    chroma = SimpleNamespace(params=SimpleNamespace(global_modulation=True), double_blocks=[SimpleNamespace()],
+                             single_blocks=[])
+    medium = SimpleNamespace(joint_blocks=[SimpleNamespace(x_block=SimpleNamespace(x_block_self_attn=True))])
+    for dm, message in ((chroma, "Flux.2 / Chroma"), (medium, "SD3.5 Medium")):
+        cases.append((SimpleNamespace(get_model_object=lambda name, dm=dm: dm), vit, {}, message))
     for model, cv, options, message in cases:
         projection = options.pop("projection", "plain")
         with pytest.raises(IPAKitError, match=message) as e:
