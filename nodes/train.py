@@ -228,10 +228,7 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
     """The training node's work: train against the loaded models, report progress, write the adapter."""
     import comfy.model_management as mm
     import comfy.utils
-    import folder_paths
 
-    from ipa_train.adapter.formats import save_adapter
-    from ipa_train.plot import plot_losses
     from ipa_train.training.data import load_dataset
     from ipa_train.training.train import train
 
@@ -279,6 +276,16 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
         logger.info("IPAKitTrain: cancelled at step %d; checkpoint saved, queue again with the same name to resume",
                     result.steps)
         raise mm.InterruptProcessingException()
+    return _finish(result, name, samples)
+
+
+def _finish(result, name: str, samples: list[torch.Tensor]) -> io.NodeOutput:
+    """Write the final adapter (official layout) to output/ipadapter_kit and return it with its loss curve."""
+    import folder_paths
+
+    from ipa_train.adapter.formats import save_adapter
+    from ipa_train.plot import plot_losses
+
     final = os.path.join(folder_paths.get_output_directory(), TRAINED_SUBDIR, f"{name}.safetensors")
     trained = result.adapter.float().eval()
     trained.lora = {k: v.detach().clone() for k, v in trained.lora.items()}  # FaceID: no longer the trained parameters
