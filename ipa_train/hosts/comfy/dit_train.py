@@ -7,8 +7,9 @@ and the norms the format has through the same `run_double` / `run_single` / `run
 
 Blocks the adapter does not patch (XLabs' single blocks) are recomputed out of place by the same functions with
 no adapter term: ComfyUI's blocks add into their input in place, which autograd refuses once that input carries
-gradients. The frozen model's attention runs as `TRAINING_FUNCTIONS` (differentiable). With `checkpoint=True` every block is recomputed in the backward pass instead of keeping its
-activations (torch.utils.checkpoint), the frozen model's memory plan for large transformers.
+gradients. The frozen model's attention runs as `TRAINING_FUNCTIONS` (differentiable). With `use_checkpoint`
+every block is recomputed in the backward pass instead of keeping its activations (torch.utils.checkpoint), the
+memory plan for large frozen transformers.
 
 Sigma and timestep: the model's own `model_sampling.timestep(sigma)` (Flux: sigma; SD3: sigma * 1000), the
 same call a sampler makes; `x_t = (1 - sigma) x0 + sigma noise` and the model predicts `noise - x0` in both.
@@ -17,7 +18,6 @@ same call a sampler makes; `x_t = (1 - sigma) x0 + sigma noise` and the model pr
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -31,8 +31,6 @@ from .dit_apply import model_family
 from .dit_call import CALL_KEY, CallInfo, token_grid
 from .flux import check_flux_model, run_double, run_single
 from .mmdit import check_mmdit_model, run_joint
-
-logger = logging.getLogger(__name__)
 
 # The model's own attention during training: PyTorch SDPA after a differentiable RoPE. ComfyUI's Flux RoPE is a
 # compiled op without a backward, and its attention backend may be one without a backward (sage attention).
