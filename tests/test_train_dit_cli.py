@@ -26,6 +26,22 @@ class RecordingDit(RecordingBackbone, DitBackbone):
     """`DitBackbone` with `RecordingBackbone`'s log of loads, releases and transformer calls."""
 
 
+@pytest.fixture
+def recorded(monkeypatch) -> list:
+    """The backbones the command line makes, each a `RecordingDit`."""
+    import ipa_train.hosts.backbone_dit as module
+
+    made = []
+
+    class Made(RecordingDit):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(module, "DitBackbone", Made)
+    return made
+
+
 @pytest.fixture(scope="module")
 def flux_dirs(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("flux"), "xlabs-flux")
@@ -42,21 +58,11 @@ def _argv(dirs, out, *extra):
             "--max-sequence-length", "8", *extra]
 
 
-def test_cli_trains_xlabs_with_the_transformer_loaded_last(tmp_path, flux_dirs, monkeypatch):
-    import ipa_train.hosts.backbone_dit as module
-
-    made = []
-
-    class Made(RecordingDit):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(module, "DitBackbone", Made)
+def test_cli_trains_xlabs_with_the_transformer_loaded_last(tmp_path, flux_dirs, recorded):
     assert main(_argv(flux_dirs, tmp_path / "out", "--format", "xlabs-flux", "--num-tokens", "16")) == 0
     info = inspect_file(tmp_path / "out" / "ip-adapter.safetensors")
     assert (info["format"], info["num_tokens"], info["blocks"]) == ("xlabs-flux", 16, 2)
-    events = made[0].events
+    events = recorded[0].events
     loads = [n for kind, n, _ in events if kind == "load"]
     first = loads.index("transformer")
     assert all(e in loads[:first] for e in ENCODERS), loads
@@ -71,17 +77,7 @@ def _one_line(capsys, argv) -> str:
     return err
 
 
-def test_bad_inputs_stop_in_one_line_before_any_model_loads(tmp_path, flux_dirs, sd3_dirs, capsys, monkeypatch):
-    import ipa_train.hosts.backbone_dit as module
-
-    made = []
-
-    class Made(RecordingDit):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(module, "DitBackbone", Made)
+def test_bad_inputs_stop_in_one_line_before_any_model_loads(tmp_path, flux_dirs, sd3_dirs, capsys, recorded):
     out = tmp_path / "out"
     err = _one_line(capsys, _argv(flux_dirs, out, "--resolution", "40"))
     assert "--resolution 40" in err and "multiple of 16" in err and "use 32 or 48" in err
@@ -101,7 +97,7 @@ def test_bad_inputs_stop_in_one_line_before_any_model_loads(tmp_path, flux_dirs,
     other = dit_factories.write(dit_factories.xlabs_flux(hidden=32, ctx=24, blocks=3), tmp_path / "xlabs.safetensors")
     err = _one_line(capsys, _argv(flux_dirs, out, "--init-adapter", str(other)))
     assert "xlabs.safetensors" in err and "3 blocks" in err and "made for another transformer" in err
-    assert all(not [e for e in b.events if e[0] == "load"] for b in made)  # refused before any model loaded
+    assert all(not [e for e in b.events if e[0] == "load"] for b in recorded)  # refused before any model loaded
 
 
 @pytest.mark.slow  # two torchrun launches: about a minute each on 2 loaded cores

@@ -79,21 +79,9 @@ class DitBackbone(DiffusersBackbone):
     # ---- sizes (configs only) -----------------------------------------------------------------------------
 
     def _transformer_shape(self) -> Any:
-        if self._models.get("transformer") is not None:
-            return self._models["transformer"]
-        if "transformer" in self._factories:
-            return self._meta("transformer")
-        if self.base_model is None:
-            raise IPAKitError("no base model given and no transformer component passed")
         import diffusers
 
-        cls = getattr(diffusers, self._transformer_class())
-        try:
-            config = cls.load_config(self.base_model, subfolder="transformer")
-        except (OSError, ValueError) as e:
-            raise self._base_error("transformer", e) from None
-        with torch.device("meta"):
-            return cls.from_config(config)
+        return self._model_shape("transformer", getattr(diffusers, self._transformer_class()))
 
     @property
     def family(self) -> str:
