@@ -101,9 +101,10 @@ def add_train_config_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .hosts.backbone_diffusers import DiffusersBackbone
     from .training.data import load_dataset
+    from .training.dit import check_run
     from .training.train import TrainConfig, train
 
-    config = TrainConfig.from_dict(vars(args))
+    config, family = check_run(TrainConfig.from_dict(vars(args)), args.base_model)
     _train_preflight(config)
     if not args.image_encoder and config.projection != "faceid":
         raise IPAKitError(f"train --projection {config.projection}: give --image-encoder (the CLIP vision model it reads)")
@@ -119,7 +120,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # one progress log: the main process's
     device = accelerator.device if accelerator is not None else None
     encoder_dtype = _encoder_dtype(config, device)
-    backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
+    if config.is_dit:
+        from .hosts.backbone_dit import DitBackbone
+
+        backbone = DitBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype,
+                               transformer_dtype=encoder_dtype, max_sequence_length=args.max_sequence_length)
+    else:
+        backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
     result = train(config, backbone, dataset, accelerator=accelerator)
     if result.adapter_path is not None:
         _out(f"wrote {result.adapter_path} ({result.steps} steps, final loss {result.losses[-1]:.5f})")
@@ -147,7 +154,7 @@ def _train_preflight(config) -> None:
 
     check_output_dir(config.output_dir, 0, "output folder")
     check_output_file(Path(config.output_dir) / f"{config.name}.safetensors", 0, "adapter file")
-    if config.init_adapter:
+    if config.init_adapter and not config.is_dit:
         read_adapter_state(config.init_adapter)
     if config.resume:
         find_checkpoint(config)
@@ -323,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("train", help="train an IP-Adapter on captioned images (also under `accelerate launch`)")
-    s.add_argument("--base-model", required=True, help="diffusers Stable Diffusion folder or hub id")
-    s.add_argument("--image-encoder", default=None, help="CLIPVisionModelWithProjection folder or hub id (not for faceid)")
+    s.add_argument("--base-model", required=True, help="diffusers Stable Diffusion, Flux.1 or SD3.5 folder (or hub id)")
+    s.add_argument("--image-encoder", default=None, help="CLIP vision (SD, xlabs-flux) or SigLIP (instantx-flux, "
+                                                         "instantx-sd3) folder or hub id (not for faceid)")
+    s.add_argument("--max-sequence-length", type=int_range(1, 4096), default=512, help="Flux / SD3.5: T5 tokens per caption")
     s.add_argument("--data", required=True, help="image folder (.txt captions or metadata.jsonl), or the reference JSON")
     s.add_argument("--captions-json", default=None, help='reference [{"image_file", "text"}] list; --data is then the image root')
     add_train_config_arguments(s)

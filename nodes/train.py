@@ -99,10 +99,12 @@ def _image_tensor(path) -> torch.Tensor:
 
 def _train_inputs() -> list[io.Input]:
     return [
-        io.Model.Input("model", tooltip="The base model to train against (SD1.x/2.x or SDXL). It stays frozen."),
+        io.Model.Input("model", tooltip="The base model to train against (SD1.x/2.x, SDXL, Flux or SD3.5). It stays frozen."),
         io.Clip.Input("clip", tooltip="Its text encoder (frozen): encodes the captions."),
         io.Vae.Input("vae", tooltip="Its VAE (frozen): encodes the training images to latents."),
-        io.ClipVision.Input("clip_vision", tooltip="The CLIP vision encoder the adapter will use (ViT-H/14 for the official SD1.5 layouts)."),
+        io.ClipVision.Input("clip_vision", tooltip=(
+            "The CLIP vision encoder the adapter will use (ViT-H/14 for the official SD1.5 layouts; Flux: ViT-L/14 "
+            "for xlabs-flux, SigLIP so400m-384 for instantx-flux; SD3.5: SigLIP so400m-384).")),
         Dataset.Input("dataset", tooltip="From IPAKitDataset."),
         io.Combo.Input("projection", options=["plain", "plus", "faceid", "faceid-plus", "faceid-plusv2"], default="plain", tooltip=(
             "plain: 4 tokens from the CLIP image embedding; plus: 16 tokens from the CLIP hidden states (stronger, less "
@@ -130,6 +132,17 @@ def _train_inputs() -> list[io.Input]:
         FaceModels.Input("face_models", optional=True, tooltip=(
             "FaceID projections: the face models (Load Face Models (Kit)) that embed each image's face; images "
             "without a face are skipped.")),
+        io.Combo.Input("format", options=["auto", "instantx-flux", "xlabs-flux", "instantx-sd3"], default="auto",
+                       optional=True, tooltip=(
+            "Flux / SD3.5 models: the official layout to train and write. instantx-flux: SigLIP pooled, 128 tokens, "
+            "every block; xlabs-flux: CLIP ViT-L image_embeds, 4 tokens, double blocks; instantx-sd3: SigLIP "
+            "hidden states, time resampler, 64 tokens. auto: instantx-sd3 for SD3.5; for Flux the fine-tuned "
+            "adapter's format, else instantx-flux with a SigLIP encoder and xlabs-flux with ViT-L. SD1.5/SDXL: auto.")),
+        io.Float.Input("guidance", default=1.0, min=0.0, max=100.0, step=0.1, optional=True, tooltip=(
+            "Flux dev: the distilled guidance input during training (1.0 as XLabs' trainer); other models ignore it.")),
+        io.Boolean.Input("gradient_checkpointing", default=False, optional=True, tooltip=(
+            "Flux / SD3.5: recompute each transformer block in the backward pass instead of keeping its activations "
+            "(much less memory, about a third more time per step).")),
     ]
 
 
@@ -161,11 +174,13 @@ class IPAKitTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size, learning_rate,
                 resolution, drop_text, drop_image, drop_both, seed, save_every, output_name, adapter=None,
-                validate_every=0, validation_prompt="", validation_image=None, face_models=None) -> io.NodeOutput:
+                validate_every=0, validation_prompt="", validation_image=None, face_models=None, format="auto",
+                guidance=1.0, gradient_checkpointing=False) -> io.NodeOutput:
         return train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size,
                               learning_rate, resolution, drop_text, drop_image, drop_both, seed, save_every,
                               output_name, adapter, validate_every, validation_prompt, validation_image,
-                              unique_id=cls.hidden.unique_id, face_models=face_models)
+                              unique_id=cls.hidden.unique_id, face_models=face_models, format=format,
+                              guidance=guidance, gradient_checkpointing=gradient_checkpointing)
 
 
 def _run_config(output_name: str, adapter, **options):
@@ -209,24 +224,24 @@ def _face_data(data, face_models, config):
 def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, steps, batch_size, learning_rate,
                    resolution, drop_text, drop_image, drop_both, seed, save_every, output_name, adapter=None,
                    validate_every=0, validation_prompt="", validation_image=None, unique_id=None,
-                   face_models=None) -> io.NodeOutput:
+                   face_models=None, format="auto", guidance=1.0, gradient_checkpointing=False) -> io.NodeOutput:
     """The training node's work: train against the loaded models, report progress, write the adapter."""
     import comfy.model_management as mm
     import comfy.utils
-    import folder_paths
 
-    from ipa_train.adapter.formats import save_adapter
-    from ipa_train.plot import plot_losses
     from ipa_train.training.data import load_dataset
     from ipa_train.training.train import train
 
     from .train_backbone import ComfyBackbone, mixed_precision_for
+    from .train_dit import ComfyDitBackbone, training_format
 
+    fmt = training_format(model, clip_vision, format, projection, fusion, adapter)  # checked before any work
+    dit = {"format": fmt, "guidance": guidance} if fmt else {}
     name, _, config = _run_config(output_name, adapter, projection=projection, fusion=fusion, steps=steps,
                                         batch_size=batch_size, lr=learning_rate, resolution=resolution,
                                         drop_text=drop_text, drop_image=drop_image, drop_both=drop_both, seed=seed,
-                                        save_every=save_every,
-                                        mixed_precision=mixed_precision_for(model, mm.get_torch_device()))
+                                        save_every=save_every, gradient_checkpointing=gradient_checkpointing,
+                                        mixed_precision=mixed_precision_for(model, mm.get_torch_device()), **dit)
     data = _face_data(load_dataset(dataset["path"], dataset.get("captions_json"), resolution=resolution), face_models,
                       config)
     if validate_every and config.is_faceid:
@@ -236,21 +251,23 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
     samples: list[torch.Tensor] = []
 
     with torch.inference_mode(False), torch.enable_grad():
-        backbone = ComfyBackbone(model, clip, vae, clip_vision)
+        backbone = (ComfyDitBackbone if fmt else ComfyBackbone)(model, clip, vae, clip_vision)
+        validate = _validate_dit if fmt else _validate
 
         def progress(step, total, loss):
             _progress_text(unique_id, f"step {step}/{total} · loss {loss:.4f}")
             bar.update_absolute(step, total)
             _send(unique_id, {"step": step, "total": total, "loss": float(loss), "done": False, "status": "training"})
             if validate_every and validation_image is not None and step % validate_every == 0:
-                samples.append(_validate(backbone, model, clip, vae, clip_vision, validation_prompt, validation_image, seed,
-                                         resolution))
+                samples.append(validate(backbone, model, clip, vae, clip_vision, validation_prompt, validation_image, seed,
+                                        resolution))
 
         try:
             result = train(config, backbone, data, should_stop=mm.processing_interrupted, progress=progress,
                            interrupts=(mm.InterruptProcessingException,))
         finally:
-            backbone.detach_lora()  # the FaceID LoRA's hooks sit on the user's (shared) UNet modules
+            if not fmt:
+                backbone.detach_lora()  # the FaceID LoRA's hooks sit on the user's (shared) UNet modules
 
     status = "stopped" if result.stopped else "done"
     _send(unique_id, {"step": result.steps, "total": steps, "loss": result.losses[-1] if result.losses else float("nan"),
@@ -259,6 +276,16 @@ def train_in_comfy(model, clip, vae, clip_vision, dataset, projection, fusion, s
         logger.info("IPAKitTrain: cancelled at step %d; checkpoint saved, queue again with the same name to resume",
                     result.steps)
         raise mm.InterruptProcessingException()
+    return _finish(result, name, samples)
+
+
+def _finish(result, name: str, samples: list[torch.Tensor]) -> io.NodeOutput:
+    """Write the final adapter (official layout) to output/ipadapter_kit and return it with its loss curve."""
+    import folder_paths
+
+    from ipa_train.adapter.formats import save_adapter
+    from ipa_train.plot import plot_losses
+
     final = os.path.join(folder_paths.get_output_directory(), TRAINED_SUBDIR, f"{name}.safetensors")
     trained = result.adapter.float().eval()
     trained.lora = {k: v.detach().clone() for k, v in trained.lora.items()}  # FaceID: no longer the trained parameters
@@ -294,6 +321,32 @@ def _validate(backbone, model, clip, vae, clip_vision, prompt, image, seed, reso
         noise = comfy.sample.prepare_noise(latent, seed)
         out = comfy.sample.sample(patched, noise, 12, 6.0, "euler", "normal", pos, neg, latent, seed=seed,
                                   disable_pbar=True)
+        img = vae.decode(out).float().cpu()
+    adapter.train(was_training)
+    return img[:1]
+
+
+def _validate_dit(backbone, model, clip, vae, clip_vision, prompt, image, seed, resolution=512) -> torch.Tensor:
+    """A Flux / SD3.5 validation sample through this pack's own encode and apply (the patches users sample with):
+    a few euler steps at the training resolution; Flux dev at guidance 3.5 without CFG, SD3.5 at CFG 4."""
+    import comfy.sample
+
+    from .dit import apply_dit_node, encode_dit
+
+    adapter = backbone.adapter
+    was_training = adapter.training
+    adapter.eval()
+    flux = backbone.family == "flux"
+    with torch.no_grad():
+        patched = apply_dit_node(model, adapter, encode_dit(adapter, clip_vision, image), weight=1.0)
+        pos, neg = (_conditioning(clip, text) for text in (prompt, ""))
+        if flux:
+            pos[0][1]["guidance"] = 3.5
+        channels = int(model.get_model_object("latent_format").latent_channels)
+        latent = torch.zeros(1, channels, max(2, resolution // 8), max(2, resolution // 8))
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample(patched, noise, 12, 1.0 if flux else 4.0, "euler", "simple", pos, neg, latent,
+                                  seed=seed, disable_pbar=True)
         img = vae.decode(out).float().cpu()
     adapter.train(was_training)
     return img[:1]

@@ -70,7 +70,28 @@ def _prediction_type(model, model_types) -> str:
                      "checkpoints (SD1.x/SD2.x, SDXL): load one of those as the base model")
 
 
-class ComfyBackbone:
+class LoadedEncoders:
+    """What every backbone over the user's loaded models shares: handing the encoders back once embeddings are cached."""
+
+    def release(self, parts: tuple[str, ...]) -> None:
+        """Every embedding is cached: unload these encoders from the device so the UNet gets its memory."""
+        for part in parts:
+            attr = {"vae": "vae", "text": "clip", "image": "clip_vision"}[part]
+            owner = getattr(self, attr)
+            if getattr(owner, "patcher", None) is not None:  # another pack's encoder may have no patcher
+                self._unload(owner.patcher)
+            setattr(self, attr, None)
+        self.mm.soft_empty_cache()
+
+    def _unload(self, patcher) -> None:
+        """ComfyUI's own unload of one loaded model (its weights go back to the offload device)."""
+        loaded = self.mm.current_loaded_models
+        for i in reversed(range(len(loaded))):
+            if loaded[i].model is patcher and loaded[i].model_unload():
+                loaded.pop(i)
+
+
+class ComfyBackbone(LoadedEncoders):
     def __init__(self, model, clip, vae, clip_vision):
         import comfy.model_base
         import comfy.model_management as mm
@@ -243,23 +264,6 @@ class ComfyBackbone:
             rows.append(self.base.model.encode_adm(pooled_output=pooled[None].float().cpu(), height=h, width=w,
                                                    crop_h=top, crop_w=left, target_height=th, target_width=tw))
         return torch.cat(rows)
-
-    def release(self, parts: tuple[str, ...]) -> None:
-        """Every embedding is cached: unload these encoders from the device so the UNet gets its memory."""
-        for part in parts:
-            attr = {"vae": "vae", "text": "clip", "image": "clip_vision"}[part]
-            owner = getattr(self, attr)
-            if getattr(owner, "patcher", None) is not None:  # another pack's encoder may have no patcher
-                self._unload(owner.patcher)
-            setattr(self, attr, None)
-        self.mm.soft_empty_cache()
-
-    def _unload(self, patcher) -> None:
-        """ComfyUI's own unload of one loaded model (its weights go back to the offload device)."""
-        loaded = self.mm.current_loaded_models
-        for i in reversed(range(len(loaded))):
-            if loaded[i].model is patcher and loaded[i].model_unload():
-                loaded.pop(i)
 
     def enable_gradient_checkpointing(self) -> None:
         from .common import logger

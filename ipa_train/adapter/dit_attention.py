@@ -76,3 +76,29 @@ def sd3_image_attention(block: DitBlock, q: torch.Tensor, k: torch.Tensor, v: to
     k = torch.cat([block.norm_k(k), k_ip.to(k.dtype)], dim=2)
     v = torch.cat([v, v_ip.to(v.dtype)], dim=2)
     return merge_heads(F.scaled_dot_product_attention(q, k, v))
+
+
+def rope_rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Flux's rotary embedding of queries or keys [B, H, L, D] by the model's `pe` [B, 1, L, D/2, 2, 2] (a 2x2
+    rotation per channel pair), in plain differentiable PyTorch ops, in the rotation's dtype."""
+    pairs = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)  # [B, H, L, D/2, 1, 2]
+    out = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]  # [B, H, L, D/2, 2]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def flux_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor | None,
+                         mask: torch.Tensor | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+    """A Flux block's joint attention, differentiable: RoPE on q/k [B, H, L, D], then SDPA -> [B, L, H*D]."""
+    if pe is not None:
+        q, k = rope_rotate(q, pe), rope_rotate(k, pe)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def mmdit_joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                          transformer_options: dict | None = None, **_: object) -> torch.Tensor:
+    """An MMDiT block's joint attention, differentiable: q/k [B, L, H*D], v [B, L, H*D] or [B, L, H, D] -> [B, L, H*D]."""
+    b = q.shape[0]
+    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    return merge_heads(F.scaled_dot_product_attention(q, k, v))

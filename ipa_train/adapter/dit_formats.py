@@ -90,6 +90,11 @@ class DitConfig:
     def variant(self) -> str:
         return self.format
 
+    # What training asks every adapter config: DiT adapters are never FaceID, fused or LoRA-carrying.
+    is_faceid = False
+    fusion = False
+    lora_rank = 0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -240,3 +245,30 @@ def dit_info(cfg: DitConfig, tensors: dict[str, torch.Tensor], path: str | os.Pa
         "cross_attention_layers": cfg.blocks, "parameters": sum(t.numel() for t in tensors.values()),
         "fusion": False, "source": "official", "non_finite_tensors": non_finite,
     }
+
+
+# Training from scratch: the official shapes, scaled to the base model's widths
+
+SD35_RESAMPLER_DIM = 1280  # InstantX SD3.5-Large's resampler width (timestep embedding width too)
+TIMESTEP_IN_DIM = 320  # sinusoidal width the resampler's time embedding reads
+
+
+def variant_row(fmt: str) -> DitVariant:
+    return next(v for v in DIT_VARIANTS if v.format == fmt)
+
+
+def training_config(fmt: str, num_tokens: int, context_dim: int, hidden: int, double: int, single: int,
+                    clip_dim: int, head_dim: int) -> DitConfig:
+    """The `DitConfig` a from-scratch run of format `fmt` trains: the official layout (InstantX Flux: MLP of width
+    2 x the encoder's, every double and single block; XLabs: linear projection, double blocks only; SD3.5: a
+    4-layer time resampler of width 1280 at SD3.5-Large's 2432, proportional and a multiple of 64 otherwise)."""
+    v = variant_row(fmt)
+    if fmt == "instantx-flux":
+        return DitConfig(fmt, v.family, v.encoder, v.clip_output, clip_dim, num_tokens, context_dim, hidden, double,
+                         single, proj_hidden=2 * clip_dim)
+    if fmt == "xlabs-flux":
+        return DitConfig(fmt, v.family, v.encoder, v.clip_output, clip_dim, num_tokens, context_dim, hidden, double, 0)
+    dim = SD35_RESAMPLER_DIM if hidden == SD35_LARGE[1] else max(64, round(hidden * SD35_RESAMPLER_DIM / SD35_LARGE[1] / 64) * 64)
+    return DitConfig(fmt, v.family, v.encoder, v.clip_output, clip_dim, num_tokens, hidden, hidden, double, 0,
+                     head_dim=head_dim, resampler_dim=dim, resampler_depth=4, resampler_heads=dim // 64,
+                     timestep_in_dim=TIMESTEP_IN_DIM, timestep_emb_dim=dim)

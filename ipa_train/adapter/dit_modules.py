@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,15 @@ from .dit_formats import DitConfig, block_keys, detect_dit_config, dit_info, ima
 from .files import _fail, state_mismatch
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageTokens:
+    """What a DiT adapter's projection gives the transformer: tokens [B, T, C] and, for SD3.5's time-conditioned
+    resampler, its timestep embedding temb [B, E] (the blocks' adaptive norm reads it; None for Flux)."""
+
+    tokens: torch.Tensor
+    temb: torch.Tensor | None = None
 
 
 class MLPProjection(nn.Module):
@@ -184,9 +194,24 @@ class DitAdapter(nn.Module):
         self.config = cfg
         self.image_proj = _PROJECTIONS[cfg.format](cfg)
         self.blocks = nn.ModuleList(DitBlock(cfg) for _ in range(cfg.blocks))
+        self.lora: dict[str, torch.Tensor] = {}  # never used: the same attribute as `IPAdapter` for the trainer
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def image_tokens(self, embeds: torch.Tensor, sigmas: torch.Tensor) -> ImageTokens:
+        """The projection with gradients: encoder output (Flux: [B, D]; SD3.5: [B, L, D]) and the step's sigmas
+        [B] in (0, 1) -> `ImageTokens` (tokens [B, T, C]; SD3.5 also temb [B, E], its resampler reading
+        t = sigma * 1000 as diffusers' SD3 transformer gives it)."""
+        if self.config.format == "instantx-sd3":
+            tokens, temb = self.image_proj(embeds, sigmas.to(embeds.device).float() * 1000)
+            return ImageTokens(tokens, temb)
+        return ImageTokens(self.image_proj(embeds))
+
+    def trainable_parameters(self, include_fusion: bool = False) -> list[nn.Parameter]:
+        """Everything the official layout stores: the projection and every block's image K/V (and SD3.5's
+        adaptive norms and head RMS norms). DiT adapters have no fusion weights (`include_fusion` is ignored)."""
+        return list(self.parameters())
 
     def _not_here(self, *args, **kwargs):
         raise IPAKitError(f"this node does not take the {self.config.format} ({self.config.family}) adapter yet; use "
@@ -209,6 +234,19 @@ def module_state(cfg: DitConfig, tensors: dict[str, torch.Tensor]) -> dict[str, 
             out["image_proj." + key[len(prefix):]] = t
         else:
             out[key] = t
+    return out
+
+
+def file_state(adapter: DitAdapter) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the official file's flat keys (the inverse of `module_state`), on CPU."""
+    cfg = adapter.config
+    prefix = image_proj_prefix(cfg.format)
+    module_to_file = {f"blocks.{j}.{name}": key for j in range(cfg.blocks)
+                      for name, key in block_keys(cfg.format, j).items()}
+    out = {}
+    for name, t in adapter.state_dict().items():
+        key = module_to_file.get(name) or prefix + name[len("image_proj."):]
+        out[key] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -238,3 +276,25 @@ def load_dit(tensors: dict[str, torch.Tensor], path: str) -> tuple[DitAdapter, d
         logger.warning("%s: %d tensor(s) hold NaN or infinite values (%s); this adapter will produce black or NaN "
                        "images: download it again", path, len(bad), ", ".join(bad[:3]))
     return adapter, dit_info(cfg, tensors, path, bad)
+
+
+@torch.no_grad()
+def init_for_training(adapter: DitAdapter) -> DitAdapter:
+    """A from-scratch start: every block's image values zero, so the untrained adapter adds nothing to Flux's
+    blocks (XLabs zeroes keys and biases too, as its published processor); SD3.5's adaptive norms start as the
+    plain LayerNorm (zero shift and scale) and its resampler latents at N(0, 1/dim). Projections keep PyTorch's
+    default initialisation (drawn from torch's generator: seeded runs are reproducible)."""
+    fmt = adapter.config.format
+    for block in adapter.blocks:
+        nn.init.zeros_(block.to_v_ip.weight)
+        if fmt == "xlabs-flux":
+            nn.init.zeros_(block.to_k_ip.weight)
+            nn.init.zeros_(block.to_k_ip.bias)
+            nn.init.zeros_(block.to_v_ip.bias)
+        if fmt == "instantx-sd3":
+            nn.init.zeros_(block.norm_ip.linear.weight)
+            nn.init.zeros_(block.norm_ip.linear.bias)
+    if fmt == "instantx-sd3":
+        proj = adapter.image_proj
+        proj.latents.copy_(torch.randn(proj.latents.shape) / proj.latents.shape[-1] ** 0.5)
+    return adapter

@@ -31,7 +31,7 @@ from .detect import (
     split_groups,
 )
 from .dit_formats import find_variant
-from .dit_modules import DitAdapter, load_dit
+from .dit_modules import DitAdapter, file_state, load_dit
 from .files import CHECKPOINT_DIR_FILES, PICKLE_SUFFIXES, read_tensors
 from .modules import IPAdapter
 
@@ -119,11 +119,27 @@ def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: di
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise AdapterFormatError(f"{path}: adapters are written as .safetensors only; change the extension")
+    if isinstance(adapter, DitAdapter):
+        return _save_dit(adapter, path, extra_metadata)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     sd.update({f"ip_adapter.{k}": v.detach().to("cpu").contiguous() for k, v in adapter.lora.items()})
     metadata = {CONFIG_METADATA_KEY: adapter.config.to_json(), FORMAT_METADATA_KEY: FORMAT_VERSION}
     if extra_metadata:
         metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    return path
+
+
+DIT_CONFIG_METADATA_KEY = "ipa_kit.dit_config"
+
+
+def _save_dit(adapter: DitAdapter, path: Path, extra_metadata: dict[str, str] | None) -> Path:
+    """A Flux / SD3.5 adapter in its official flat layout (XLabs: `ip_adapter_proj_model.*`,
+    `double_blocks.{i}.processor.*`; InstantX: `image_proj.*`, `ip_adapter.{j}.*`), the sizes in the metadata."""
+    metadata = {DIT_CONFIG_METADATA_KEY: json.dumps(adapter.config.to_dict()), FORMAT_METADATA_KEY: FORMAT_VERSION}
+    if extra_metadata:
+        metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
+    sd = file_state(adapter)
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
     return path
 

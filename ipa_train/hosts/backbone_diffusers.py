@@ -78,11 +78,19 @@ class DiffusersBackbone:
             "tokenizer_2": lambda: self._from_base("transformers", "CLIPTokenizer", "tokenizer_2"),
             "scheduler": lambda: self._from_base("diffusers", "DDPMScheduler", "scheduler"),
             "image_encoder": self._load_image_encoder,
+            **self._extra_loaders(),
             **self._factories,
         }
         self.patch: DiffusersAdapterPatch | None = None
         self._lora_hooks: list[Any] = []
         self._size_conditioning: bool | None = None
+        self._read_schedule()
+
+    def _extra_loaders(self) -> dict[str, Callable[[], Any]]:
+        """Loaders a subclass adds or replaces (factories still win)."""
+        return {}
+
+    def _read_schedule(self) -> None:
         sched = self.get("scheduler")
         self.prediction_type = str(sched.config.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -130,21 +138,24 @@ class DiffusersBackbone:
             return self._factories[name]()
 
     def _unet_shape(self) -> Any:
-        """The UNet in memory, or one on the meta device from its factory or from its config file."""
-        if self._models.get("unet") is not None:
-            return self._models["unet"]
-        if "unet" in self._factories:
-            return self._meta("unet")
         from diffusers import UNet2DConditionModel
 
+        return self._model_shape("unet", UNet2DConditionModel)
+
+    def _model_shape(self, name: str, cls: Any) -> Any:
+        """The denoiser `name` in memory, or one on the meta device from its factory or its config file."""
+        if self._models.get(name) is not None:
+            return self._models[name]
+        if name in self._factories:
+            return self._meta(name)
         if self.base_model is None:
-            raise IPAKitError("no base model given and no unet component passed")
+            raise IPAKitError(f"no base model given and no {name} component passed")
         try:
-            config = UNet2DConditionModel.load_config(self.base_model, subfolder="unet")
+            config = cls.load_config(self.base_model, subfolder=name)
         except (OSError, ValueError) as e:
-            raise self._base_error("unet", e) from None
+            raise self._base_error(name, e) from None
         with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
+            return cls.from_config(config)
 
     def _vision_config(self) -> Any:
         """The image encoder's config: of the module in memory, of its factory's meta build, or from its folder;
@@ -179,11 +190,13 @@ class DiffusersBackbone:
     def unet(self) -> Any:
         return self.get("unet")
 
+    parts = _PARTS  # component names of each releasable part
+
     def release(self, parts: tuple[str, ...]) -> None:
         if self.keep_encoders:
             return
         for part in parts:
-            for name in _PARTS[part]:
+            for name in self.parts[part]:
                 self._models[name] = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapter.config import AdapterConfig
+from ..adapter.dit_formats import DitConfig
 from ..adapter.formats import load_adapter, save_adapter
 from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
@@ -219,18 +221,26 @@ def find_checkpoint(config: TrainConfig) -> Path:
     return path
 
 
+def _saved_config(d: dict[str, Any]) -> Any:
+    """The adapter config a checkpoint recorded: a DiT layout's (it names a format) or a UNet adapter's."""
+    if "format" in d and "hidden_size" in d:
+        fields = {f.name for f in dataclasses.fields(DitConfig)}
+        return DitConfig(**{k: v for k, v in d.items() if k in fields})
+    return AdapterConfig.from_dict(d)
+
+
 def load_checkpoint(path: Path, adapter: IPAdapter, optimizer: Any, scheduler: Any, engine: Engine,
                     config: TrainConfig) -> LoopState:
     """Restore adapter, optimizer, scheduler, RNG and loop state from a checkpoint folder."""
     meta = json.loads((path / STATE_JSON_FILE).read_text())
-    saved = AdapterConfig.from_dict(meta["adapter_config"])
+    saved = _saved_config(meta["adapter_config"])
     if saved != adapter.config:
         raise TrainConfigError(f"{path}: the checkpoint holds a {saved.variant} adapter ({saved.num_tokens} tokens, "
                                f"fusion={saved.fusion}) but the options build a {adapter.config.variant} adapter "
                                f"({adapter.config.num_tokens} tokens, fusion={adapter.config.fusion}); resume with the "
                                "options of the original run")
     saved_adapter = load_adapter(path / ADAPTER_FILE)
-    adapter.load_state_dict(saved_adapter.state_dict())
+    adapter.load_state_dict(saved_adapter.state_dict())  # DiT: the same block order, whatever the file's split
     with torch.no_grad():
         for k, p in adapter.lora.items():  # FaceID: the LoRA being trained (live parameters under official keys)
             p.copy_(saved_adapter.lora[k])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TrainConfigError
-from .backbone import Backbone, TextCondition
+from .backbone import CLIP_INPUT, Backbone, ImageInput, TextCondition
 from .config import TrainConfig
 from .data import CaptionedImages
 
@@ -59,6 +59,8 @@ class Conditioning:
         self.config = config
         self.output = config.clip_output
         self.size_conditioning = bool(getattr(backbone, "size_conditioning", False))
+        self.guidance = config.guidance if getattr(backbone, "guidance_input", False) else None  # Flux dev
+        self.image_input: ImageInput = getattr(backbone, "image_input", None) or CLIP_INPUT
         self.size_ids: torch.Tensor | None = None  # [N, 6] with cached latents
         use_cache = 0 < len(dataset) <= config.cache_limit
         self.moments: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,12 +78,15 @@ class Conditioning:
         self._release(use_cache)
 
     def _dropped_clip(self) -> torch.Tensor:
+        """A dropped image: zeros for vector outputs ([D]) and for the DiT adapters' SigLIP states (as the
+        diffusers / DiffSynth negatives); the encoding of a zero *normalized* pixel tensor for UNet plus [L, D]."""
         if self.output == "none":
             return torch.zeros(0)
-        if self.output == "image_embeds":
-            return torch.zeros(self.backbone.sizes.clip_embedding_dim("image_embeds"))  # [D]
-        zeros = torch.zeros(1, 3, 224, 224)  # a zero *normalized* pixel tensor, as the reference drops plus
-        return self.backbone.encode_image(zeros, self.output)[0].float().cpu()  # [L, D]
+        if self.output != "penultimate":
+            return torch.zeros(self.backbone.sizes.clip_embedding_dim(self.output))  # [D]
+        side = self.image_input.size
+        states = self.backbone.encode_image(torch.zeros(1, 3, side, side), self.output)[0].float().cpu()  # [L, D]
+        return torch.zeros_like(states) if self.config.is_dit else states
 
     def _build_cache(self, chunk: int) -> None:
         n = len(self.dataset)
@@ -90,7 +95,7 @@ class Conditioning:
         for lo in range(0, n, chunk):
             idx = range(lo, min(n, lo + chunk))
             if self.output != "none":
-                clip.append(self.backbone.encode_image(torch.stack([self.dataset.clip_input(i) for i in idx]),
+                clip.append(self.backbone.encode_image(torch.stack([self._pixels(i) for i in idx]),
                                                        self.output).float().cpu())
             if self.dataset.deterministic:
                 pixels, sizes = zip(*(self.dataset.target_and_size(i) for i in idx))
@@ -132,6 +137,8 @@ class Conditioning:
             text = TextCondition.cat([self._text(i, drop_text) for i, (_, drop_text) in zip(indices, drops)])
             if self.size_conditioning:
                 text = TextCondition(text.hidden, {**text.extra, "time_ids": size_ids})  # [B, 6]
+            if self.guidance is not None:
+                text = TextCondition(text.hidden, {**text.extra, "guidance": torch.full((len(indices),), self.guidance)})
             clip = torch.stack([self._clip(i, drop_image) for i, (drop_image, _) in zip(indices, drops)])
             face = None
             if self.faces is not None:
@@ -154,7 +161,13 @@ class Conditioning:
             return self.clip[index]
         if self.output == "none":
             return self.dropped_clip
-        return self.backbone.encode_image(self.dataset.clip_input(index)[None], self.output)[0].float().cpu()
+        return self.backbone.encode_image(self._pixels(index)[None], self.output)[0].float().cpu()
+
+    def _pixels(self, index: int) -> torch.Tensor:
+        """The image encoder's input [3, S, S] for sample `index` (CLIP 224, or the backbone's `image_input`)."""
+        if self.image_input == CLIP_INPUT:
+            return self.dataset.clip_input(index)
+        return self.dataset.clip_input(index, self.image_input)
 
 
 def sample_indices(n: int, batch: int, micro_step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:

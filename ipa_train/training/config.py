@@ -27,11 +27,17 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 _FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "lr": (0.0, 1e30, True), "weight_decay": (0.0, 1e30, False), "max_grad_norm": (0.0, 1e30, False),
     "fusion_lambda": (0.0, 1.0, False), "drop_text": (0.0, 1.0, False), "drop_image": (0.0, 1.0, False),
-    "drop_both": (0.0, 1.0, False),
+    "drop_both": (0.0, 1.0, False), "logit_std": (0.0, 100.0, True), "logit_mean": (-100.0, 100.0, False),
+    "flow_shift": (0.0, 1000.0, False), "guidance": (0.0, 1000.0, False),
 }
 _NAME_FORBIDDEN = set('/\\:*?"<>|')
 ADAPTER_SUFFIX = ".safetensors"
 TRAIN_PROJECTIONS = ("plain", "plus", "faceid", "faceid-plus", "faceid-plusv2")
+# DiT adapter layouts a run can write: format -> (family, encoder output it reads)
+DIT_TRAIN_FORMATS = {"instantx-flux": ("flux", "siglip_pooled"), "xlabs-flux": ("flux", "image_embeds"),
+                     "instantx-sd3": ("sd3", "penultimate")}
+# The format a DiT run writes when --format is auto
+DEFAULT_DIT_FORMAT = {"flux": "xlabs-flux", "sd3": "instantx-sd3"}
 # FaceID-Plus reads the CLIP states of the face aligned at this size (tencent's norm_crop at 224)
 FACE_PLUS_CROP = 224
 
@@ -106,12 +112,33 @@ class TrainConfig:
                                                               "directml, coreml, ...)"))
     face_pick: Literal["score", "largest"] = field(default="score", metadata=_help(
         "FaceID: the face used when an image has several: highest detection score or largest"))
+    format: Literal["auto", "instantx-flux", "xlabs-flux", "instantx-sd3"] = field(default="auto", metadata=_help(
+        "Flux / SD3.5: the official layout to train and write (instantx-flux: SigLIP pooled, 128 tokens, every "
+        "block; xlabs-flux: CLIP ViT-L image_embeds, 4 tokens (--num-tokens 16 for v2), double blocks; "
+        "instantx-sd3: SigLIP penultimate, time resampler, 64 tokens); auto: xlabs-flux for Flux, instantx-sd3 "
+        "for SD3.5, the UNet layout otherwise"))
+    timestep_sampling: Literal["auto", "logit_normal", "uniform"] = field(default="auto", metadata=_help(
+        "Flux / SD3.5: how sigma is drawn before the shift (auto: logit-normal, as the families' fine-tuning)"))
+    logit_mean: float = field(default=0.0, metadata=_help("Flux / SD3.5: mean of the logit-normal sigma draw"))
+    logit_std: float = field(default=1.0, metadata=_help("Flux / SD3.5: standard deviation of the logit-normal draw"))
+    flow_shift: float = field(default=0.0, metadata=_help(
+        "Flux / SD3.5: sigma shift s (sigma = s u / (1 + (s - 1) u)); 0: the family's (SD3.5 3.0; Flux from the "
+        "image's token count, 0.5..1.15 in log)"))
+    guidance: float = field(default=1.0, metadata=_help(
+        "Flux dev: the guidance input of the guidance-distilled transformer during training (1.0 as XLabs)"))
 
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
             (self.projection in TRAIN_PROJECTIONS,
              f"projection must be one of {', '.join(TRAIN_PROJECTIONS)}, got {self.projection!r}"),
             (self.face_pick in ("score", "largest"), f"face_pick must be 'score' or 'largest', got {self.face_pick!r}"),
+            (self.format in ("auto", *DIT_TRAIN_FORMATS),
+             f"format must be auto or one of {', '.join(DIT_TRAIN_FORMATS)}, got {self.format!r}"),
+            (self.timestep_sampling in ("auto", "logit_normal", "uniform"),
+             f"timestep_sampling must be auto, logit_normal or uniform, got {self.timestep_sampling!r}"),
+            (not (self.format in DIT_TRAIN_FORMATS and (self.is_faceid or self.fusion)),
+             f"format {self.format} trains the official {self.format} layout: --projection faceid* and --fusion "
+             "are UNet options; leave them out"),
             (self.mixed_precision in ("no", "fp16", "bf16"),
              f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}"),
         ]
@@ -132,10 +159,18 @@ class TrainConfig:
 
     @property
     def tokens(self) -> int:
+        if self.is_dit:
+            return self.num_tokens or {"instantx-flux": 128, "xlabs-flux": 4, "instantx-sd3": 64}[self.format]
         return self.num_tokens or (16 if self.projection == "plus" else 4)
 
     @property
+    def is_dit(self) -> bool:
+        return self.format in DIT_TRAIN_FORMATS
+
+    @property
     def clip_output(self) -> ClipOutput:
+        if self.is_dit:
+            return DIT_TRAIN_FORMATS[self.format][1]  # type: ignore[return-value]
         if self.projection == "faceid":
             return "none"
         return "image_embeds" if self.projection == "plain" else "penultimate"

@@ -90,14 +90,15 @@ def crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def clip_pixels(img: Image.Image) -> torch.Tensor:
-    """CLIP vision input [3, 224, 224], as transformers' default `CLIPImageProcessor` prepares it."""
-    img = resize_short_side(img.convert("RGB"), CLIP_SIZE, Image.Resampling.BICUBIC, truncate=True)
+def clip_pixels(img: Image.Image, size: int = CLIP_SIZE, mean_std: tuple = (CLIP_MEAN, CLIP_STD)) -> torch.Tensor:
+    """Vision encoder input [3, S, S]: short side to S (bicubic), centre crop, (x - mean) / std. The defaults are
+    transformers' default `CLIPImageProcessor` (224); SigLIP so400m-384 uses 384 and 0.5 / 0.5."""
+    img = resize_short_side(img.convert("RGB"), size, Image.Resampling.BICUBIC, truncate=True)
     w, h = img.size
-    img = crop(img, CLIP_SIZE, (h - CLIP_SIZE) // 2, (w - CLIP_SIZE) // 2)
-    x = _to_tensor(img)  # [3, 224, 224] in [0, 1]
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    img = crop(img, size, (h - size) // 2, (w - size) // 2)
+    x = _to_tensor(img)  # [3, S, S] in [0, 1]
+    mean = torch.tensor(mean_std[0]).view(3, 1, 1)
+    std = torch.tensor(mean_std[1]).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -332,9 +333,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         from `rng` as `target`."""
         return target_and_size(self.open(index), self.resolution, self.random_crop, self.random_flip, rng)
 
-    def clip_input(self, index: int) -> torch.Tensor:
-        """CLIP vision input [3, 224, 224]."""
-        return clip_pixels(self.open(index))
+    def clip_input(self, index: int, spec: Any = None) -> torch.Tensor:
+        """Vision encoder input: CLIP [3, 224, 224], or as `spec` (a `backbone.ImageInput`) asks."""
+        if spec is None:
+            return clip_pixels(self.open(index))
+        return clip_pixels(self.open(index), spec.size, (spec.mean, spec.std))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         img = self.open(index)

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter.config import AdapterConfig, ResamplerConfig
-from ..adapter.formats import load_adapter, save_adapter
+from ..adapter.dit_modules import DitAdapter
+from ..adapter.formats import save_adapter
 from ..adapter.modules import IPAdapter
 from ..errors import TrainConfigError
 from ..outputs import MB, OutputError, check_output_dir, check_output_file
+from .adapters import adapter_config_for, adapter_shape, build_adapter, resampler_config
 from .backbone import Backbone, BackboneSizes, TextCondition
 from .checkpoints import (
     ADAPTER_FILE,
@@ -53,79 +54,21 @@ from .checkpoints import (
 from .conditioning import Batch, Conditioning, drop_decisions, sample_indices
 from .config import TrainConfig
 from .data import CaptionedImages
+from .dit import resolve_format
 from .engine import Engine
-from .faceid import attach_face_lora, face_adapter_config, lora_parameters
+from .faceid import attach_face_lora, lora_parameters
+from .schedules import DDPMSchedule, NoiseSchedule, schedule_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER_FILE", "CHECKPOINTS_DIR", "STATE_JSON_FILE", "STATE_TENSORS_FILE", "AdapterModel", "Backbone",
+    "default_schedule",
     "BackboneSizes", "Batch", "Conditioning", "Engine", "LoopState", "TextCondition", "TrainConfig", "TrainResult",
     "adapter_config_for",
     "build_adapter", "drop_decisions", "find_checkpoint", "load_checkpoint", "resampler_config", "sample_indices",
     "save_checkpoint", "set_seed", "train", "TrainingDiverged", "preflight",
 ]
-
-# --------------------------------------------------------------------------------------------------------
-# Adapter construction
-
-
-def resampler_config(cross_dim: int) -> ResamplerConfig:
-    """The official resampler shape for SD1.5 (768) and SDXL (2048) widths, a proportional one otherwise."""
-    if cross_dim == 768:
-        return ResamplerConfig(dim=768, depth=4, heads=12, dim_head=64, ff_mult=4)
-    if cross_dim == 2048:
-        return ResamplerConfig(dim=1280, depth=4, heads=20, dim_head=64, ff_mult=4)
-    return ResamplerConfig(dim=cross_dim, depth=4, heads=max(1, cross_dim // 64), dim_head=64, ff_mult=4)
-
-
-def adapter_config_for(config: TrainConfig, backbone: Backbone) -> AdapterConfig:
-    """The adapter a from-scratch run trains on `backbone` (from its config-only sizes: nothing is loaded)."""
-    sizes = backbone.sizes
-    if config.is_faceid:
-        return face_adapter_config(config, sizes)
-    cross = int(sizes.cross_attention_dim)
-    return AdapterConfig(
-        projection=config.projection,
-        num_tokens=config.tokens,
-        clip_embedding_dim=sizes.clip_embedding_dim(config.clip_output),
-        cross_attention_dim=cross,
-        layer_hidden_sizes=tuple(sizes.layer_hidden_sizes),
-        clip_output=config.clip_output,
-        fusion=config.fusion,
-        resampler=resampler_config(cross) if config.projection == "plus" else None,
-    )
-
-
-def build_adapter(config: TrainConfig, backbone: Backbone) -> IPAdapter:
-    """A new adapter (image K/V from the UNet's to_k/to_v), or the `init_adapter` file to fine-tune."""
-    if not config.init_adapter:
-        adapter = IPAdapter(adapter_config_for(config, backbone))
-        backbone.init_adapter(adapter)
-        return adapter
-    loaded = load_adapter(config.init_adapter)
-    cfg = loaded.config.replace(fusion=config.fusion or loaded.config.fusion)
-    if cfg.is_faceid != config.is_faceid:
-        raise TrainConfigError(f"{config.init_adapter}: a {cfg.variant} adapter cannot be fine-tuned as {config.projection} "
-                               f"(one reads face embeddings, the other CLIP images); use --projection {cfg.projection}")
-    if cfg.projection != config.projection:
-        logger.info("fine-tuning %s: projection %r taken from the file (option says %r)",
-                    config.init_adapter, cfg.projection, config.projection)
-    adapter = IPAdapter(cfg)
-    missing, unexpected = adapter.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("fusion.") for k in missing):
-        raise TrainConfigError(f"{config.init_adapter}: cannot load into a {cfg.variant} adapter "
-                               f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
-    adapter.lora = dict(loaded.lora)
-    sizes = backbone.sizes
-    hidden = tuple(sizes.layer_hidden_sizes)
-    if cfg.layer_hidden_sizes != hidden or cfg.cross_attention_dim != sizes.cross_attention_dim:
-        raise TrainConfigError(
-            f"{config.init_adapter}: this adapter ({cfg.cross_attention_layers} layers, text width "
-            f"{cfg.cross_attention_dim}) was made for another base model than the one being trained "
-            f"({len(hidden)} layers, text width {sizes.cross_attention_dim}); pick an adapter of the same family")
-    return adapter
-
 
 class AdapterModel(nn.Module):
     """The trained part of the forward: image tokens (fused with the prompt when training fused mode),
@@ -143,6 +86,8 @@ class AdapterModel(nn.Module):
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextCondition,
                 clip: torch.Tensor, face: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.adapter, DitAdapter):  # Flux / SD3.5: timesteps are the sigmas [B]
+            return self._backbone[0].predict(noisy, timesteps, text, self.adapter.image_tokens(clip, timesteps))
         if face is not None:  # [B, F] (+ clip [B, L, D] for plus; [B, 0] when no CLIP is read)
             tokens = self.adapter.project_face(face, clip if clip.dim() == 3 else None)
         else:
@@ -190,13 +135,23 @@ def _micro_batches(config: TrainConfig, conditioning: Conditioning, step: int, e
                                  random)
 
 
-def _loss(model: nn.Module, backbone: Backbone, batch: Batch, engine: Engine) -> torch.Tensor:
+def default_schedule(backbone: Backbone) -> NoiseSchedule:
+    """The backbone's own flow-matching schedule (family defaults), or its DDPM schedule."""
+    flow = getattr(backbone, "schedule", None)
+    return flow if getattr(flow, "kind", None) == "flow" else DDPMSchedule(backbone)
+
+
+def _loss(model: nn.Module, backbone: Backbone, batch: Batch, engine: Engine,
+          schedule: NoiseSchedule | None = None) -> torch.Tensor:
+    """float32 MSE between the prediction and the schedule's target (epsilon / v / flow velocity noise - x0).
+    The noise, then the timesteps (DDPM indices or sigmas), are drawn from torch's CPU generator."""
+    schedule = schedule or default_schedule(backbone)
     noise = torch.randn(batch.latents.shape).to(engine.device)  # [B, c, h, w]
-    timesteps = torch.randint(0, backbone.num_train_timesteps, (batch.latents.shape[0],)).to(engine.device)
-    noisy = backbone.add_noise(batch.latents, noise, timesteps)
+    timesteps = schedule.sample(batch.latents).to(engine.device)  # [B]
+    noisy = schedule.add_noise(batch.latents, noise, timesteps)
     with engine.autocast():
         pred = model(noisy, timesteps, batch.text, batch.clip, batch.face)
-    return F.mse_loss(pred.float(), backbone.target(batch.latents, noise, timesteps).float(), reduction="mean")
+    return F.mse_loss(pred.float(), schedule.target(batch.latents, noise, timesteps).float(), reduction="mean")
 
 
 class TrainingDiverged(TrainConfigError):
@@ -209,10 +164,11 @@ def preflight(config: TrainConfig, backbone: Backbone, main: bool = True) -> Pat
     `backbone.sizes` (configs only): no model is loaded here, so the encoders run and are released before the
     denoiser ever loads."""
     out = Path(config.output_dir)
-    cfg = load_adapter(config.init_adapter).config if config.init_adapter else adapter_config_for(config, backbone)
+    cfg = adapter_shape(config, backbone)
     with torch.device("meta"):
-        n = IPAdapter(cfg.replace(fusion=cfg.fusion or config.fusion)).num_parameters()
-    n += lora_parameters(cfg, backbone.sizes)
+        n = (DitAdapter if config.is_dit else IPAdapter)(cfg).num_parameters()
+    if not config.is_dit:
+        n += lora_parameters(cfg, backbone.sizes)
     # A checkpoint holds the fp32 adapter and AdamW's two fp32 moments (12 bytes a parameter); the export 4 more.
     check_output_dir(out, 16 * n + MB, "output folder")
     check_output_dir(out / CHECKPOINTS_DIR, 0, "checkpoint folder")
@@ -226,13 +182,14 @@ def preflight(config: TrainConfig, backbone: Backbone, main: bool = True) -> Pat
 class _Run:
     """Everything one run updates."""
 
-    adapter: IPAdapter
+    adapter: IPAdapter | DitAdapter
     params: list[nn.Parameter]
     optimizer: Any
     scheduler: Any
     model: nn.Module
     conditioning: Conditioning
     state: LoopState
+    schedule: NoiseSchedule
     checkpoints: list[Path] = field(default_factory=list)
     non_finite_in_a_row: int = 0
 
@@ -257,7 +214,7 @@ def _setup(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, en
     logger.info("training a %s adapter%s: %d trainable parameters, %d steps of %d x %d sample(s), %d image(s)",
                 adapter.config.variant, " (fused)" if config.fusion else "", sum(p.numel() for p in params),
                 config.steps, config.gradient_accumulation, config.batch_size * engine.world, len(dataset))
-    return _Run(adapter, params, optimizer, scheduler, model, conditioning, state)
+    return _Run(adapter, params, optimizer, scheduler, model, conditioning, state, schedule_for(backbone, config))
 
 
 def _diverged(config: TrainConfig, step: int, what: str) -> TrainingDiverged:
@@ -286,7 +243,7 @@ def _one_step(run: _Run, config: TrainConfig, backbone: Backbone, engine: Engine
     try:
         for a, batch in enumerate(_micro_batches(config, run.conditioning, run.state.step, engine)):
             with engine.sync(run.model, a == config.gradient_accumulation - 1):
-                loss = _loss(run.model, backbone, batch, engine)
+                loss = _loss(run.model, backbone, batch, engine, run.schedule)
                 engine.backward(loss / config.gradient_accumulation)
             total += float(loss.detach()) / config.gradient_accumulation
     except interrupts:
@@ -366,6 +323,7 @@ def train(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, *,
         OutputError: the output folder is unusable (checked before any work) or the disk filled up.
         TrainingDiverged: the loss or the weights became NaN/inf; earlier checkpoints are kept, nothing exported.
     """
+    config = resolve_format(config, backbone.sizes.family)
     engine = Engine(config, backbone.device, accelerator)
     resume_from = preflight(config, backbone, engine.is_main)
     run = _setup(config, backbone, dataset, engine, resume_from)

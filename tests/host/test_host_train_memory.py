@@ -45,11 +45,11 @@ class StandInClip:
 
 
 class StandInVae:
-    """VAE as the training backbone calls it: encode(IMAGE [B, H, W, 3] in 0..1) -> latents [B, 4, H/8, W/8]."""
+    """VAE as the training backbone calls it: encode(IMAGE [B, H, W, 3] in 0..1) -> latents [B, channels, H/8, W/8]."""
 
-    def __init__(self, comfy):
+    def __init__(self, comfy, channels: int = 4):
         self.mm = comfy.model_management
-        self.module = torch.nn.Conv2d(3, 4, 8, stride=8)
+        self.module = torch.nn.Conv2d(3, channels, 8, stride=8)
         self.patcher = _patcher(comfy, self.module)
 
     def encode(self, image):
@@ -57,14 +57,14 @@ class StandInVae:
         return self.module(image.movedim(-1, 1) * 2 - 1)
 
 
-def _clip_vision(comfy, tmp_path):
-    """ComfyUI's ClipVisionModel from a tiny config (224 px input, 2 layers), random weights."""
+def _clip_vision(comfy, tmp_path, config: dict | None = None):
+    """ComfyUI's ClipVisionModel from a tiny config (default: 224 px input, 2 layers, projection 24), random weights."""
     import comfy.clip_vision
 
-    config = {"model_type": "clip_vision_model", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-              "intermediate_size": 64, "hidden_act": "gelu", "num_channels": 3, "patch_size": 32, "image_size": 224,
-              "projection_dim": 24}
-    path = tmp_path / "clip_vision.json"
+    config = config or {"model_type": "clip_vision_model", "num_hidden_layers": 2, "hidden_size": 32,
+                        "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "num_channels": 3,
+                        "patch_size": 32, "image_size": 224, "projection_dim": 24}
+    path = tmp_path / f"{config['model_type']}.json"
     path.write_text(json.dumps(config))
     cv = comfy.clip_vision.ClipVisionModel(str(path))
     g = torch.Generator().manual_seed(1)

@@ -317,6 +317,15 @@ def restorer(app: DitApplication, patches: dict) -> Callable[[dict], dict | None
     return restore
 
 
+def block_function(block: Any, name: str, transformer_options: dict) -> Callable:
+    """The host's function `name` for this block (`host_function`), or the one this call replaces it with
+    (`CallInfo.functions`: training swaps in differentiable attention)."""
+    info = call_info(transformer_options)
+    if info is not None and name in info.functions:
+        return info.functions[name]
+    return host_function(block, name)
+
+
 def host_function(block: Any, name: str) -> Callable:
     """A function of the module that defines the host's block class (its attention, its modulation helper), so
     the recomputed block uses exactly the host's own code; the host is never imported here."""

@@ -34,12 +34,18 @@ class CallInfo:
     """grid: token grid (h, w) of the generated latent; text_len: prompt tokens as the model received them;
     fused: application uid -> per-row image tokens [B, T, C] (cond rows fused, uncond rows as projected);
     ran: (application uid, adapter block) pairs applied in this call, so that a patch of another pack that calls
-    ours inside its own, under ours put back on top of it, cannot apply one adapter block twice."""
+    ours inside its own, under ours put back on top of it, cannot apply one adapter block twice;
+    trained: application uid -> (image tokens [B, T, C], SD3.5 time embedding [B, E] or None) of an adapter being
+    trained, one row per sample and with gradients (`dit_train`);
+    functions: host functions the block patches use instead of the host's in this call (by name: "attention",
+    "optimized_attention"), e.g. differentiable attention during training."""
 
     grid: tuple[int, int]
     text_len: int
     fused: dict[str, torch.Tensor] = field(default_factory=dict)
     ran: set[tuple[str, int]] = field(default_factory=set)
+    trained: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    functions: dict[str, Callable] = field(default_factory=dict)
 
 
 def call_info(transformer_options: dict) -> CallInfo | None:

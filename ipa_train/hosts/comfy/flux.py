@@ -19,7 +19,7 @@ import torch
 
 from ...adapter.dit_attention import flux_image_attention
 from ...errors import BaseModelMismatchError, IPAKitError
-from .dit import DitApplication, add_to, chunks_of, host_function
+from .dit import DitApplication, add_to, block_function, chunks_of, host_function
 from .dit_call import call_info
 
 
@@ -58,8 +58,8 @@ def _image_terms(active: list, q: torch.Tensor, labels: list[int], fmt: str, to:
 def run_double(block: Any, active: list, args: dict, extra: dict) -> dict:
     img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
     _refuse_modulation(block, vec)
-    attention, apply_mod = host_function(block, "attention"), host_function(block, "apply_mod")
     to = args.get("transformer_options") or {}
+    attention, apply_mod = block_function(block, "attention", to), host_function(block, "apply_mod")
     img_mod1, img_mod2 = block.img_mod(vec)
     txt_mod1, txt_mod2 = block.txt_mod(vec)
     h = block.num_heads
@@ -97,8 +97,8 @@ def run_double(block: Any, active: list, args: dict, extra: dict) -> dict:
 def run_single(block: Any, active: list, args: dict, extra: dict) -> dict:
     x, vec, pe = args["img"], args["vec"], args["pe"]
     _refuse_modulation(block, vec)
-    attention, apply_mod = host_function(block, "attention"), host_function(block, "apply_mod")
     to = args.get("transformer_options") or {}
+    attention, apply_mod = block_function(block, "attention", to), host_function(block, "apply_mod")
     mod, _ = block.modulation(vec)
     qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift, None)),
                            [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)

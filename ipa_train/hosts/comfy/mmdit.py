@@ -15,7 +15,7 @@ import torch
 
 from ...adapter.dit_attention import sd3_image_attention, sd3_image_kv
 from ...errors import BaseModelMismatchError, IPAKitError
-from .dit import DitApplication, add_to, chunks_of, host_function, sigma_of
+from .dit import DitApplication, add_to, block_function, chunks_of, host_function, sigma_of
 from .dit_call import call_info
 
 
@@ -58,7 +58,7 @@ def _image_term(active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def run_joint(block: Any, active: list, args: dict, extra: dict) -> dict:
     x, context, c = args["img"], args["txt"], args["vec"]
     to = args.get("transformer_options") or {}
-    attention = host_function(block.x_block, "optimized_attention")
+    attention = block_function(block.x_block, "optimized_attention", to)
     cb, xb = block.context_block, block.x_block
     context_qkv, context_rest = cb.pre_attention(context, c)
     (q_raw, k_raw, v), x_rest = _raw_qkv(xb, x, c)
