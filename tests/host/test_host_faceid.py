@@ -140,10 +140,16 @@ def clip_vision(comfy):
     return comfy.clip_vision.load(str(_write_models(comfy)["clip_vision"]))
 
 
-CASES = [pytest.param(f, p, s, id=f"{f}-{p}-{s}")
+CASES = [pytest.param(f, p, s, None, id=f"{f}-{p}-{s}")
          for f in ("sd15", "sdxl")
          for p, s in (("faceid", None), ("faceid-plus", None), ("faceid-plusv2", 1.0), ("faceid-plusv2", 2.0),
                       ("faceid-portrait", None))]
+# The other variants' controls on FaceID tokens: a weight type, embeds scaling, start/end and an attention mask
+# (left half of the picture), the same on both sides.
+CONTROLS = dict(weight_type="ease in-out", embeds_scaling="K+mean(V) w/ C penalty", start_at=0.0, end_at=0.9,
+                attn_mask=torch.cat([torch.ones(1, 64, 32), torch.zeros(1, 64, 32)], dim=2))
+CASES += [pytest.param("sd15", "faceid", None, CONTROLS, id="sd15-faceid-controls"),
+          pytest.param("sd15", "faceid-portrait", None, dict(references=2), id="sd15-faceid-portrait-2-references")]
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +190,9 @@ def test_parity_setup_resolves_the_bar(comfy, faceid_mod, apply_mod, models_by_f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,projection,s", CASES)
+@pytest.mark.parametrize("family,projection,s,controls", CASES)
 def test_faceid_matches_community_pack(comfy, kit, cubiq, middle_fixed, faceid_mod, apply_mod, face_setup,  # noqa: F811
-                                       clip_vision, models_by_family, tmp_path, family, projection, s):
+                                       clip_vision, models_by_family, tmp_path, family, projection, s, controls):
     """Same file, same face image and stand-in face models, LoRA at the community pack's 0.6 on both sides (theirs
     from the separate `_lora` file through core's loader); its black-image unconditional CLIP for plus. Both image
     branches run on ComfyUI's attention kernel; what is left is the perceiver's attention (ours SDPA as diffusers,
@@ -195,19 +201,24 @@ def test_faceid_matches_community_pack(comfy, kit, cubiq, middle_fixed, faceid_m
     as ComfyUI runs nodes (without it every CLIP vision call here kept its autograd graph: gigabytes per case)."""
     with torch.inference_mode():
         gap, effect = _community_case(cubiq, middle_fixed, faceid_mod, apply_mod, face_setup, clip_vision,
-                                      _family_model(comfy, models_by_family, family), tmp_path, family, projection, s)
-    print(f"{family} {projection} s={s}: max |eps ours - eps community| = {gap:.2e}")
+                                      _family_model(comfy, models_by_family, family), tmp_path, family, projection, s,
+                                      controls or {})
+    print(f"{family} {projection} s={s} {sorted(controls or {})}: max |eps ours - eps community| = {gap:.2e}")
     assert effect > 1e-3
     assert gap <= ATOL
 
 
 def _community_case(cubiq, plus_mod, faceid_mod, apply_mod, face_setup, clip_vision, patcher, tmp_path, family,
-                    projection, s):
+                    projection, s, controls):
     """-> (max |eps ours - eps theirs|, max |eps ours - eps of the LoRA'd model without the adapter|)."""
     import comfy.sd
 
     utils, _ = cubiq
     models, app, image = face_setup
+    controls = dict(controls)
+    if controls.pop("references", 1) == 2:  # a batch of two face images: their tokens concatenated on both sides
+        other = torch.from_numpy(face_image(240, 320, faces=((40, 150, 110),), seed=9)).float()[None] / 255.0
+        image = torch.cat([image, other])
     context = 768 if family == "sd15" else 2048
     name = f"ip-adapter-{projection}_{family}.safetensors"
     adapter, path = _adapter(patcher, projection, tmp_path, context, clip_dim=1024, name=name)
@@ -216,8 +227,10 @@ def _community_case(cubiq, plus_mod, faceid_mod, apply_mod, face_setup, clip_vis
     embeds, crops = faceid_mod.encode_faces(adapter, models, image, clip_vision, faceid_v2_weight=s or 1.0,
                                             plus_uncond=faceid_mod.PLUS_UNCOND[1])
     size = 224 if family == "sd15" else 256
-    assert crops.shape == (1, size, size, 3)
-    ours = faceid_mod.apply_face_lora(apply_mod.apply(patcher, adapter, embeds, weight=0.8), adapter, strength)
+    assert crops.shape == (len(image), size, size, 3)
+    assert embeds.cond.shape[1] == adapter.config.num_tokens * len(image)  # concat: every face's tokens
+    ours = faceid_mod.apply_face_lora(apply_mod.apply(patcher, adapter, embeds, weight=0.8, **controls), adapter,
+                                     strength)
     model = patcher
     if adapter.lora:  # the community pack's users add the separate LoRA with core's loader
         model, _ = comfy.sd.load_lora_for_models(patcher, None, _kohya_lora(adapter, family), strength, 0)
@@ -228,9 +241,13 @@ def _community_case(cubiq, plus_mod, faceid_mod, apply_mod, face_setup, clip_vis
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             theirs = plus_mod.ipadapter_execute(model.clone(), utils.ipadapter_model_loader(str(path)), clip_vision,
-                                                insightface=app, image=image, weight=0.8, weight_faceidv2=s)[0]
+                                                insightface=app, image=image, weight=0.8, weight_faceidv2=s,
+                                                **controls)[0]
     finally:
         cv2.ipp.setUseIPP(use_ipp)
     e_ours, e_theirs = _eps_patched(ours, x, t, ctx, [1, 0]), _eps_patched(theirs, x, t, ctx, [1, 0])
     base = _eps_patched(model, x, t, ctx, [1, 0])  # with the LoRA: the adapter's own effect must show too
+    if controls:  # they must change what the adapter does, or matching them would prove nothing
+        plain = faceid_mod.apply_face_lora(apply_mod.apply(patcher, adapter, embeds, weight=0.8), adapter, strength)
+        assert (_eps_patched(plain, x, t, ctx, [1, 0]) - e_ours).abs().max() > 1e-2
     return (e_ours - e_theirs).abs().max().item(), (e_ours - base).abs().max().item()
