@@ -60,16 +60,23 @@ def face_config(o: FaceOfficial, hidden: tuple[int, ...] | None = None, cross: i
     )
 
 
-def random_lora(hidden: tuple[int, ...], cross: int, rank: int, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
-    """`{i}.to_{q,k,v,out}_lora.{down,up}.weight` for every processor: attn1 (i = 2k) and attn2 (i = 2k + 1)."""
+def random_lora(hidden: tuple[int, ...], cross: int, rank: int, seed: int = 0, scale: float = 0.05,
+                relative: bool = False) -> dict[str, torch.Tensor]:
+    """`{i}.to_{q,k,v,out}_lora.{down,up}.weight` for every processor: attn1 (i = 2k) and attn2 (i = 2k + 1).
+
+    scale: the std of every entry; or, when `relative`, the size of each `up @ down` relative to a fan-in
+    initialised weight of its layer (Frobenius; down ~ N(0, 1/in), up ~ N(0, scale^2/rank)). A trained LoRA is a
+    correction of its layers; entries of a fixed std make the text K/V delta grow with the text width (40x the
+    weight at SDXL's 2048), which turns a deep tiny UNet chaotic: fp32 rounding then moves eps by O(1)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for k, h in enumerate(hidden):
         for i in (2 * k, 2 * k + 1):
             for proj in ("q", "k", "v", "out"):
                 inp = cross if (i % 2 and proj in ("k", "v")) else h
-                out[f"{i}.to_{proj}_lora.down.weight"] = torch.randn(rank, inp, generator=g) * scale
-                out[f"{i}.to_{proj}_lora.up.weight"] = torch.randn(h, rank, generator=g) * scale
+                down_std, up_std = (inp**-0.5, scale * rank**-0.5) if relative else (scale, scale)
+                out[f"{i}.to_{proj}_lora.down.weight"] = torch.randn(rank, inp, generator=g) * down_std
+                out[f"{i}.to_{proj}_lora.up.weight"] = torch.randn(h, rank, generator=g) * up_std
     return out
 
 

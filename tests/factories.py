@@ -14,8 +14,9 @@ from ipa_train.adapter.modules import IPAdapter
 # diffusers UNets
 
 
-def tiny_unet(kind: str = "sd15", seed: int = 0):
-    """A diffusers UNet2DConditionModel with SD1.5's (16) or SDXL's (70) cross-attention layout, tiny widths."""
+def tiny_unet(kind: str = "sd15", seed: int = 0, cross_attention_dim: int | None = None):
+    """A diffusers UNet2DConditionModel with SD1.5's (16) or SDXL's (70) cross-attention layout, tiny widths
+    (text width 24 / 32 unless given: a perceiver projection needs 64-wide heads, so 128)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -28,7 +29,7 @@ def tiny_unet(kind: str = "sd15", seed: int = 0):
             layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=24,
+            cross_attention_dim=cross_attention_dim or 24,
             attention_head_dim=2,
             norm_num_groups=4,
         )
@@ -42,7 +43,7 @@ def tiny_unet(kind: str = "sd15", seed: int = 0):
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=32,
+            cross_attention_dim=cross_attention_dim or 32,
             attention_head_dim=(2, 2, 4),
             norm_num_groups=4,
             addition_embed_type="text_time",
