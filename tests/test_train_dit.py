@@ -214,6 +214,16 @@ def test_resume_is_bit_equal(tmp_path):
         assert torch.equal(resumed.adapter.state_dict()[k], v), k
 
 
+def test_a_checkpoint_converts_to_the_official_file(tmp_path):
+    from ipa_train.adapter.formats import convert_checkpoint
+
+    result = _run(tmp_path, "a", steps=1)
+    cfg = convert_checkpoint(result.checkpoints[-1], tmp_path / "converted.safetensors")
+    assert cfg.format == "xlabs-flux"
+    converted = load_adapter(tmp_path / "converted.safetensors").state_dict()
+    assert all(torch.equal(converted[k], v) for k, v in result.adapter.state_dict().items())
+
+
 def test_nan_stops_with_one_line_and_no_export(tmp_path):
     from ipa_train.training.train import TrainingDiverged
 
