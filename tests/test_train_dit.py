@@ -32,6 +32,7 @@ from ipa_train.training.engine import Engine
 from ipa_train.training.schedules import schedule_for
 from ipa_train.training.train import AdapterModel, TrainConfig, _loss
 
+from . import dit_factories
 from .dit_train_factories import components
 from .test_dit_parity import _reference_instantx_flux
 
@@ -247,3 +248,19 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, fmt):
     assert abs(plain.losses[-1] - checkpointed.losses[-1]) < 1e-6
     for k, v in plain.adapter.state_dict().items():
         torch.testing.assert_close(checkpointed.adapter.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, state", [
+    ("instantx-flux", lambda: dit_factories.instantx_flux(hidden=32, ctx=32, tokens=8, blocks=4, proj_hidden=16)),
+    ("instantx-sd3", lambda: dit_factories.instantx_sd3(hidden=128, head_dim=64, tokens=16, blocks=2, dim=128, depth=4,
+                                                        temb_in=32)),
+])
+def test_fine_tuning_from_an_official_pickled_bin(tmp_path, fmt, state):
+    """The InstantX files are nested `ip-adapter.bin` pickles (read weights-only); the run keeps the file's own
+    projection sizes (MLP width, resampler) and starts from its tensors."""
+    official = dit_factories.write(state(), tmp_path / "ip-adapter.bin")
+    tuned = _run(tmp_path, "b", fmt, steps=1, lr=1e-5, init_adapter=str(official))
+    start = load_adapter(official).state_dict()
+    diff = max((tuned.adapter.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+    assert 0 < diff < 1e-3
+    assert load_adapter(tuned.adapter_path).config.format == fmt
