@@ -32,6 +32,7 @@ from ipa_train.training.engine import Engine
 from ipa_train.training.schedules import schedule_for
 from ipa_train.training.train import AdapterModel, TrainConfig, _loss
 
+from . import dit_factories
 from .dit_train_factories import components
 from .test_dit_parity import _reference_instantx_flux
 
@@ -214,6 +215,16 @@ def test_resume_is_bit_equal(tmp_path):
         assert torch.equal(resumed.adapter.state_dict()[k], v), k
 
 
+def test_a_checkpoint_converts_to_the_official_file(tmp_path):
+    from ipa_train.adapter.formats import convert_checkpoint
+
+    result = _run(tmp_path, "a", steps=1)
+    cfg = convert_checkpoint(result.checkpoints[-1], tmp_path / "converted.safetensors")
+    assert cfg.format == "xlabs-flux"
+    converted = load_adapter(tmp_path / "converted.safetensors").state_dict()
+    assert all(torch.equal(converted[k], v) for k, v in result.adapter.state_dict().items())
+
+
 def test_nan_stops_with_one_line_and_no_export(tmp_path):
     from ipa_train.training.train import TrainingDiverged
 
@@ -237,3 +248,19 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, fmt):
     assert abs(plain.losses[-1] - checkpointed.losses[-1]) < 1e-6
     for k, v in plain.adapter.state_dict().items():
         torch.testing.assert_close(checkpointed.adapter.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt, state", [
+    ("instantx-flux", lambda: dit_factories.instantx_flux(hidden=32, ctx=32, tokens=8, blocks=4, proj_hidden=16)),
+    ("instantx-sd3", lambda: dit_factories.instantx_sd3(hidden=128, head_dim=64, tokens=16, blocks=2, dim=128, depth=4,
+                                                        temb_in=32)),
+])
+def test_fine_tuning_from_an_official_pickled_bin(tmp_path, fmt, state):
+    """The InstantX files are nested `ip-adapter.bin` pickles (read weights-only); the run keeps the file's own
+    projection sizes (MLP width, resampler) and starts from its tensors."""
+    official = dit_factories.write(state(), tmp_path / "ip-adapter.bin")
+    tuned = _run(tmp_path, "b", fmt, steps=1, lr=1e-5, init_adapter=str(official))
+    start = load_adapter(official).state_dict()
+    diff = max((tuned.adapter.state_dict()[k] - v).abs().max().item() for k, v in start.items())
+    assert 0 < diff < 1e-3
+    assert load_adapter(tuned.adapter_path).config.format == fmt

@@ -146,6 +146,11 @@ def _save_dit(adapter: DitAdapter, path: Path, extra_metadata: dict[str, str] | 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> AdapterConfig:
     """Turn a reference/accelerate training checkpoint (or any readable adapter) into the official layout."""
+    tensors, _, real = read_tensors(src)
+    if find_variant(tensors) is not None:  # a Flux / SD3.5 adapter (or our checkpoint of one): its own layout
+        dit, _ = load_dit(tensors, os.fspath(real))
+        save_adapter(dit, dst, {"ipa_kit.converted_from": os.path.basename(os.fspath(src))})
+        return dit.config
     state = read_adapter_state(src)
     adapter = build_adapter(state)
     warn_non_finite(state)
