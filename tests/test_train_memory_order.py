@@ -216,3 +216,21 @@ def test_cli_train_releases_the_encoders_before_the_unet(tmp_path, tiny_model_di
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["rc"] == 0
     check_order([tuple(e) for e in out["events"]])
+
+
+def test_cpu_steps_convolve_on_the_native_kernel(tmp_path, tiny_model_dirs, dataset):
+    """oneDNN copies every frozen conv weight into its blocked layout on each call: the CPU step's forward and
+    backward run with it off, and the setting is the caller's again afterwards."""
+    seen = []
+
+    class Probe(RecordingBackbone):
+        def predict(self, noisy, timesteps, text, ip_tokens):
+            out = super().predict(noisy, timesteps, text, ip_tokens)
+            seen.append(("forward", torch.backends.mkldnn.enabled))
+            out.register_hook(lambda grad: seen.append(("backward", torch.backends.mkldnn.enabled)))
+            return out
+
+    before = torch.backends.mkldnn.enabled
+    train(_config(tmp_path, "plain"), Probe(*tiny_model_dirs, device="cpu"), dataset)
+    assert seen == [("forward", False), ("backward", False)] * 2
+    assert torch.backends.mkldnn.enabled == before

@@ -242,7 +242,7 @@ def _one_step(run: _Run, config: TrainConfig, backbone: Backbone, engine: Engine
     total = 0.0
     try:
         for a, batch in enumerate(_micro_batches(config, run.conditioning, run.state.step, engine)):
-            with engine.sync(run.model, a == config.gradient_accumulation - 1):
+            with engine.sync(run.model, a == config.gradient_accumulation - 1), engine.kernels():
                 loss = _loss(run.model, backbone, batch, engine, run.schedule)
                 engine.backward(loss / config.gradient_accumulation)
             total += float(loss.detach()) / config.gradient_accumulation
