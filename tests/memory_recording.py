@@ -24,6 +24,12 @@ class Recording:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # A full collection scans the whole session's heap (most of a second with torch, diffusers and transformers
+        # imported): objects older than this backbone are moved out of its scans until the backbone is gone. The
+        # models load later, so a released one is still collected.
+        gc.collect()
+        gc.freeze()
+        weakref.finalize(self, gc.unfreeze)
         self.events: list[tuple[str, str, list[str]]] = []
         self._refs: dict[str, weakref.ref] = {}
         for name, load in list(self._loaders.items()):

@@ -73,7 +73,7 @@ def test_the_check_catches_an_early_transformer(tmp_path, folders, dataset):
 
     backbone = Eager(*folders["xlabs-flux"], device="cpu", max_sequence_length=8)
     train(_config(tmp_path, "xlabs-flux"), backbone, dataset)
-    with pytest.raises(AssertionError, match="still in memory"):
+    with pytest.raises(AssertionError):
         check_order(backbone.events, "transformer", DIT_ENCODERS["flux"])
 
 
