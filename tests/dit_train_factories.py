@@ -1,7 +1,7 @@
-"""Tiny random Flux / SD3 training stacks for `DitBackbone(components=...)`: transformer, 4-channel VAE (4x
-downscale), CLIP text encoders, a T5 encoder (the CLIP BPE tokenizer serves it: only token ids matter), and the
-image encoders at the official output widths (SigLIP 1152, CLIP ViT-L projection 768), so the exported files
-pass the loaders' width checks."""
+"""Tiny random Flux / SD3 training stacks for `DitBackbone(components=...)` or `(factories=...)`: transformer,
+4-channel VAE (4x downscale), CLIP text encoders, a T5 encoder (the CLIP BPE tokenizer serves it: only token ids
+matter), and the image encoders at the official output widths (SigLIP 1152, CLIP ViT-L projection 768), so the
+exported files pass the loaders' width checks."""
 
 from __future__ import annotations
 
@@ -83,25 +83,33 @@ def _vae(seed: int, shift: float, scale: float):
     return vae
 
 
-def flux_components(folder: Path, fmt: str = "xlabs-flux", seed: int = 0, guidance: bool = True) -> dict:
+def flux_factories(folder: Path, fmt: str = "xlabs-flux", seed: int = 0, guidance: bool = True) -> dict:
+    """Zero-argument builders of each component (the meta-device builds of `DitBackbone(factories=...)` read
+    sizes from them); the one tokenizer is written and read now."""
     tok = _tokenizer(Path(folder) / "tokenizer")
     n = len(tok)
-    return {"transformer": flux_transformer(seed, guidance), "vae": _vae(seed + 1, 0.1159, 0.3611),
-            "text_encoder": clip_text(n, 32, seed + 2), "tokenizer": tok, "text_encoder_2": t5(n, seed + 3),
-            "tokenizer_2": tok, "image_encoder": clip_vit(seed + 4) if fmt == "xlabs-flux" else siglip(seed + 4)}
+    return {"transformer": lambda: flux_transformer(seed, guidance), "vae": lambda: _vae(seed + 1, 0.1159, 0.3611),
+            "text_encoder": lambda: clip_text(n, 32, seed + 2), "tokenizer": lambda: tok,
+            "text_encoder_2": lambda: t5(n, seed + 3), "tokenizer_2": lambda: tok,
+            "image_encoder": lambda: clip_vit(seed + 4) if fmt == "xlabs-flux" else siglip(seed + 4)}
 
 
-def sd3_components(folder: Path, seed: int = 0) -> dict:
+def sd3_factories(folder: Path, seed: int = 0) -> dict:
     tok = _tokenizer(Path(folder) / "tokenizer")
     n = len(tok)
-    return {"transformer": sd3_transformer(seed), "vae": _vae(seed + 1, 0.0609, 1.5305),
-            "text_encoder": clip_text(n, 8, seed + 2, projection=8), "tokenizer": tok,
-            "text_encoder_2": clip_text(n, 16, seed + 3, projection=8), "tokenizer_2": tok,
-            "text_encoder_3": t5(n, seed + 4), "tokenizer_3": tok, "image_encoder": siglip(seed + 5)}
+    return {"transformer": lambda: sd3_transformer(seed), "vae": lambda: _vae(seed + 1, 0.0609, 1.5305),
+            "text_encoder": lambda: clip_text(n, 8, seed + 2, projection=8), "tokenizer": lambda: tok,
+            "text_encoder_2": lambda: clip_text(n, 16, seed + 3, projection=8), "tokenizer_2": lambda: tok,
+            "text_encoder_3": lambda: t5(n, seed + 4), "tokenizer_3": lambda: tok, "image_encoder": lambda: siglip(seed + 5)}
+
+
+def factories(folder: Path, fmt: str, seed: int = 0) -> dict:
+    return sd3_factories(folder, seed) if fmt == "instantx-sd3" else flux_factories(folder, fmt, seed)
 
 
 def components(folder: Path, fmt: str, seed: int = 0) -> dict:
-    return sd3_components(folder, seed) if fmt == "instantx-sd3" else flux_components(folder, fmt, seed)
+    """Every component built now (for `DitBackbone(components=...)`)."""
+    return {name: build() for name, build in factories(folder, fmt, seed).items()}
 
 
 def write_folder(folder: Path, fmt: str, seed: int = 0) -> tuple[Path, Path]:

@@ -15,15 +15,14 @@ from ipa_train.hosts.backbone_dit import DitBackbone
 
 from . import dit_factories
 from .dit_train_factories import write_folder
-from .test_train_memory_order import RecordingBackbone
+from .memory_recording import DIT_ENCODERS, Recording, check_order
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "ipa_train" / "demo_data"
-ENCODERS = ("vae", "text_encoder", "text_encoder_2", "image_encoder")
 
 
-class RecordingDit(RecordingBackbone, DitBackbone):
-    """`DitBackbone` with `RecordingBackbone`'s log of loads, releases and transformer calls."""
+class RecordingDit(Recording, DitBackbone):
+    """`DitBackbone` with `Recording`'s log of loads, releases and transformer calls."""
 
 
 @pytest.fixture
@@ -58,16 +57,15 @@ def _argv(dirs, out, *extra):
             "--max-sequence-length", "8", *extra]
 
 
-def test_cli_trains_xlabs_with_the_transformer_loaded_last(tmp_path, flux_dirs, recorded):
-    assert main(_argv(flux_dirs, tmp_path / "out", "--format", "xlabs-flux", "--num-tokens", "16")) == 0
+@pytest.mark.parametrize("family, fmt, tokens, blocks", [("flux", "xlabs-flux", 16, 2), ("sd3", "instantx-sd3", 8, 2)])
+def test_cli_trains_with_the_transformer_loaded_last(tmp_path, request, recorded, family, fmt, tokens, blocks):
+    """Every encoder (T5 included) loads, runs and is freed before the transformer loads; none is in memory
+    next to it at any later point."""
+    dirs = request.getfixturevalue(f"{family}_dirs")
+    assert main(_argv(dirs, tmp_path / "out", "--format", fmt, "--num-tokens", str(tokens))) == 0
     info = inspect_file(tmp_path / "out" / "ip-adapter.safetensors")
-    assert (info["format"], info["num_tokens"], info["blocks"]) == ("xlabs-flux", 16, 2)
-    events = recorded[0].events
-    loads = [n for kind, n, _ in events if kind == "load"]
-    first = loads.index("transformer")
-    assert all(e in loads[:first] for e in ENCODERS), loads
-    after = events[[e[:2] for e in events].index(("load", "transformer")):]
-    assert not [e for e in after if set(ENCODERS) & set(e[2])], after  # no encoder alive next to the transformer
+    assert (info["format"], info["num_tokens"], info["blocks"]) == (fmt, tokens, blocks)
+    check_order(recorded[0].events, "transformer", DIT_ENCODERS[family])
 
 
 def _one_line(capsys, argv) -> str:

@@ -8,17 +8,14 @@ command line, for plain and plus, for folders (config files) and factories (meta
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from ipa_train.errors import IPAKitError
 from ipa_train.hosts.backbone_diffusers import DiffusersBackbone
@@ -27,71 +24,16 @@ from ipa_train.toy.tiny import tiny_scheduler
 from ipa_train.training.data import load_dataset
 from ipa_train.training.train import TrainConfig, train
 
+from .memory_recording import UNET_ENCODERS as ENCODERS
+from .memory_recording import Recording, check_order
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "ipa_train" / "demo_data"
 RES = 32
-ENCODERS = ("vae", "text_encoder", "image_encoder")
-DENOISER_CALLS = ("init_adapter", "attach", "predict", "enable_gradient_checkpointing")
 
 
-class RecordingBackbone(DiffusersBackbone):
-    """`DiffusersBackbone` with a log: ("load", name, alive) before each real load, ("release", parts, alive),
-    ("call", method, alive) for the methods that need the UNet; `alive` = the loaded modules still in memory."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.events: list[tuple[str, str, list[str]]] = []
-        self._refs: dict[str, weakref.ref] = {}
-        for name, load in list(self._loaders.items()):
-            self._loaders[name] = self._recorded(name, load)
-
-    def _recorded(self, name, load):
-        def wrapped():
-            self.events.append(("load", name, self.alive()))
-            module = load()
-            if isinstance(module, nn.Module):
-                self._refs[name] = weakref.ref(module)
-            return module
-
-        return wrapped
-
-    def alive(self) -> list[str]:
-        gc.collect()
-        return sorted(n for n, ref in self._refs.items() if ref() is not None)
-
-    def release(self, parts):
-        super().release(parts)
-        self.events.append(("release", "/".join(parts), self.alive()))
-
-    def init_adapter(self, adapter):
-        self.events.append(("call", "init_adapter", self.alive()))
-        super().init_adapter(adapter)
-
-    def attach(self, adapter):
-        self.events.append(("call", "attach", self.alive()))
-        super().attach(adapter)
-
-    def predict(self, noisy, timesteps, text, ip_tokens):
-        out = super().predict(noisy, timesteps, text, ip_tokens)
-        self.events.append(("call", "predict", self.alive()))  # after the forward: activations and all
-        return out
-
-
-def check_order(events: list) -> None:
-    """The UNet loads once, after every encoder was loaded, used and freed; nothing loads an encoder again."""
-    loads = [name for kind, name, _ in events if kind == "load"]
-    assert "unet" in loads and all(e in loads for e in ENCODERS), loads
-    first_unet = next(i for i, (kind, name, _) in enumerate(events) if kind == "load" and name == "unet")
-    first_release = next(i for i, (kind, _, _) in enumerate(events) if kind == "release")
-    assert first_release < first_unet, events
-    for kind, name, alive in events[first_unet:]:
-        assert not (kind == "load" and name in ENCODERS), f"{name} loaded again after the UNet: {events}"
-        held = [e for e in ENCODERS if e in alive]
-        assert not held, f"{held} still in memory at {kind} {name} (after the UNet loaded): {events}"
-    calls = [i for i, (kind, name, _) in enumerate(events) if kind == "call" and name in DENOISER_CALLS]
-    assert calls and min(calls) > first_release, events  # the protocol's order, whatever the backbone
-    predicts = [alive for kind, name, alive in events if kind == "call" and name == "predict"]
-    assert predicts and all("unet" in alive for alive in predicts)
+class RecordingBackbone(Recording, DiffusersBackbone):
+    """`DiffusersBackbone` with `Recording`'s log of loads, releases and UNet calls."""
 
 
 @pytest.fixture(scope="module")

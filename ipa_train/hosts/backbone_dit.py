@@ -50,6 +50,8 @@ class DitBackbone(DiffusersBackbone):
         tf = "transformers"
         return {
             "transformer": lambda: self._from_base("diffusers", self._transformer_class(), "transformer"),
+            "text_encoder": lambda: self._from_base(tf, "CLIPTextModel" if self.family == "flux"  # SD3: pooled text_embeds
+                                                    else "CLIPTextModelWithProjection", "text_encoder"),
             "text_encoder_2": lambda: self._from_base(tf, "T5EncoderModel" if self.family == "flux"
                                                       else "CLIPTextModelWithProjection", "text_encoder_2"),
             "tokenizer_2": lambda: self._from_base(tf, "AutoTokenizer",

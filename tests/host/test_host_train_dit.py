@@ -24,7 +24,7 @@ from ipa_train.adapter.dit_modules import build_dit_adapter
 
 from .. import dit_factories as fac
 from .dit_models import FLUX, SD3, tiny_flux, tiny_sd3
-from .test_host_train_memory import StandInVae, _patcher
+from .test_host_train_memory import ENCODERS, StandInVae, _patcher, check_order, record
 from .test_host_train_memory import _clip_vision as clip_vision_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,6 +182,38 @@ def test_gradient_checkpointing_gives_the_same_step(comfy, kit, models, tmp_path
     assert plain[0] == checkpointed[0]
     for name, g in plain[1].items():
         torch.testing.assert_close(checkpointed[1][name], g, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("fmt", ["xlabs-flux", "instantx-sd3"])
+def test_node_unloads_the_encoders_before_the_transformer(comfy, kit, models, tmp_path, monkeypatch, fmt):
+    """With every embedding cached, the transformer loads once, after the CLIP, VAE and CLIP vision ran and were
+    unloaded, and alone in memory at every step; nothing but the user's models loads and the transformer's
+    weights are the user's, uncopied."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    family = CASES[fmt][0]
+    patcher = models[family][1]
+    sizes = FLUX if family == "flux" else SD3
+    user = {"model": patcher, "clip": StandInDitClip(comfy, sizes["context"], sizes["pooled"]),
+            "vae": StandInDitVae(comfy), "clip_vision": _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux")}
+    nodes = importlib.import_module(kit.__name__ + ".nodes.train_dit")
+    recorder = record(comfy, monkeypatch, user, nodes.ComfyDitBackbone, "transformer")
+    dm = patcher.model.diffusion_model
+    weights = {id(p): p.data_ptr() for p in dm.parameters()}
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    try:
+        with torch.inference_mode():  # as ComfyUI runs a node
+            out = train_mod.train_in_comfy(patcher, user["clip"], user["vae"], user["clip_vision"], dataset, "plain",
+                                           False, 2, 1, 1e-4, 64, 0.05, 0.05, 0.05, 0, 0, f"order-{fmt}")
+    finally:
+        comfy.model_management.unload_all_models()
+    assert out.args[0].config.format == fmt and Path(out.args[1]).is_file()
+    check_order(recorder.events, "transformer")
+    requested = {n for kind, names, _ in recorder.events if kind == "load" for n in names}
+    assert requested <= {"transformer", *ENCODERS}, requested
+    assert {id(p): p.data_ptr() for p in dm.parameters()} == weights
 
 
 def _siglip_head_file(folder: Path) -> None:

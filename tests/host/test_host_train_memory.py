@@ -74,16 +74,18 @@ def _clip_vision(comfy, tmp_path, config: dict | None = None):
 
 
 class Recorder:
-    """Records every `load_models_gpu` call, each release and each prediction, with the user's models loaded then."""
+    """Records every `load_models_gpu` call, each release and each prediction, with the user's models loaded then;
+    the user's MODEL is named `denoiser`."""
 
-    def __init__(self, comfy, models: dict):
+    def __init__(self, comfy, models: dict, denoiser: str = "unet"):
         self.mm = comfy.model_management
         self.models = models
+        self.denoiser = denoiser
         self.events: list[tuple[str, list[str], list[str]]] = []
 
     def name(self, patcher) -> str:
         if patcher.model is self.models["model"].model:
-            return "unet"  # the node's clone of the user's MODEL shares its module
+            return self.denoiser  # the node's clone of the user's MODEL shares its module
         return next((n for n in ENCODERS if patcher is self.models[n].patcher), f"other {type(patcher.model).__name__}")
 
     def loaded(self) -> list[str]:
@@ -97,20 +99,13 @@ class Recorder:
         return load_models_gpu
 
 
-@pytest.fixture()
-def setup(comfy, kit, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+def record(comfy, monkeypatch, models: dict, backbone_cls, denoiser: str = "unet") -> Recorder:
+    """A `Recorder` of ComfyUI's model loads and of `backbone_cls`'s releases and predictions (nothing loaded now)."""
     mm = comfy.model_management
     mm.unload_all_models()
-    models = {"model": tiny_comfy_model(comfy, "sd15"), "clip": StandInClip(comfy), "vae": StandInVae(comfy),
-              "clip_vision": _clip_vision(comfy, tmp_path)}
-    recorder = Recorder(comfy, models)
+    recorder = Recorder(comfy, models, denoiser)
     monkeypatch.setattr(mm, "load_models_gpu", recorder.wrap_loads(mm.load_models_gpu))
-    backbone_mod = importlib.import_module(kit.__name__ + ".nodes.train_backbone")
-    cls = backbone_mod.ComfyBackbone
-    real_release, real_predict = cls.release, cls.predict
+    real_release, real_predict = backbone_cls.release, backbone_cls.predict
 
     def release(self, parts):
         real_release(self, parts)
@@ -121,25 +116,39 @@ def setup(comfy, kit, tmp_path, monkeypatch):
         recorder.events.append(("predict", [], recorder.loaded()))
         return out
 
-    monkeypatch.setattr(cls, "release", release)
-    monkeypatch.setattr(cls, "predict", predict)
+    monkeypatch.setattr(backbone_cls, "release", release)
+    monkeypatch.setattr(backbone_cls, "predict", predict)
+    return recorder
+
+
+@pytest.fixture()
+def setup(comfy, kit, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    models = {"model": tiny_comfy_model(comfy, "sd15"), "clip": StandInClip(comfy), "vae": StandInVae(comfy),
+              "clip_vision": _clip_vision(comfy, tmp_path)}
+    backbone_mod = importlib.import_module(kit.__name__ + ".nodes.train_backbone")
+    recorder = record(comfy, monkeypatch, models, backbone_mod.ComfyBackbone)
     yield importlib.import_module(kit.__name__ + ".nodes.train"), backbone_mod, models, recorder
-    mm.unload_all_models()
+    comfy.model_management.unload_all_models()
 
 
-def _check_order(events: list) -> None:
+def check_order(events: list, denoiser: str = "unet") -> None:
+    """The denoiser loads once, after every encoder ran and one was released; no encoder loads again or is loaded
+    next to it; every prediction runs with the denoiser alone loaded."""
     loads = [(i, names) for i, (kind, names, _) in enumerate(events) if kind == "load"]
-    unet_loads = [i for i, names in loads if "unet" in names]
-    assert len(unet_loads) == 1, events
-    first_unet = unet_loads[0]
+    denoiser_loads = [i for i, names in loads if denoiser in names]
+    assert len(denoiser_loads) == 1, events
+    first = denoiser_loads[0]
     for e in ENCODERS:
-        assert any(e in names for i, names in loads if i < first_unet), f"{e} never ran before the UNet: {events}"
-    assert any(kind == "release" for kind, _, _ in events[:first_unet]), events
-    for kind, names, loaded in events[first_unet:]:
-        assert not (kind == "load" and set(names) & set(ENCODERS)), f"encoder loaded after the UNet: {events}"
-        assert not set(loaded) & set(ENCODERS), f"encoder loaded next to the UNet at {kind}: {events}"
+        assert any(e in names for i, names in loads if i < first), f"{e} never ran before the {denoiser}: {events}"
+    assert any(kind == "release" for kind, _, _ in events[:first]), events
+    for kind, names, loaded in events[first:]:
+        assert not (kind == "load" and set(names) & set(ENCODERS)), f"encoder loaded after the {denoiser}: {events}"
+        assert not set(loaded) & set(ENCODERS), f"encoder loaded next to the {denoiser} at {kind}: {events}"
     predicts = [loaded for kind, _, loaded in events if kind == "predict"]
-    assert predicts and all(loaded == ["unet"] for loaded in predicts), events
+    assert predicts and all(loaded == [denoiser] for loaded in predicts), events
 
 
 @pytest.mark.parametrize("projection", ["plain", "plus"])
@@ -152,7 +161,7 @@ def test_train_node_unloads_the_encoders_before_the_unet(setup, projection):
         out = train_mod.train_in_comfy(models["model"], models["clip"], models["vae"], models["clip_vision"], dataset,
                                        projection, False, 2, 1, 1e-4, 64, 0.05, 0.05, 0.05, 0, 0, f"order-{projection}")
     assert Path(out.args[1]).is_file()
-    _check_order(recorder.events)
+    check_order(recorder.events)
     requested = {n for kind, names, _ in recorder.events if kind == "load" for n in names}
     assert requested <= {"unet", *ENCODERS}, requested  # nothing but the user's models is loaded
     assert {id(p): p.data_ptr() for p in unet.parameters()} == weights  # the UNet's weights are the user's, uncopied
