@@ -124,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .hosts.backbone_dit import DitBackbone
 
         backbone = DitBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype,
-                               transformer_dtype=encoder_dtype, max_sequence_length=args.max_sequence_length)
+                               transformer_dtype=encoder_dtype, max_sequence_length=args.max_sequence_length,
+                               family=family)
     else:
         backbone = DiffusersBackbone(args.base_model, args.image_encoder, device=device, encoder_dtype=encoder_dtype)
     result = train(config, backbone, dataset, accelerator=accelerator)

@@ -121,3 +121,28 @@ def test_two_processes_train_and_resume_to_the_same_weights(tmp_path, flux_dirs)
     a = load_adapter(tmp_path / "whole" / "ip-adapter.safetensors").state_dict()
     b = load_adapter(tmp_path / "split" / "ip-adapter.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls, family", [("FluxTransformer2DModel", "flux"), ("SD3Transformer2DModel", "sd3")])
+def test_hub_id_family_from_the_hub_cache_without_network(tmp_path, monkeypatch, cls, family):
+    """A hub id: the transformer's config.json is read from the local hub cache only (no request is made; the hub
+    is out of reach here), and a hub id not downloaded yet leaves the family to --format."""
+    import json
+
+    from huggingface_hub import constants
+
+    from ipa_train.training.dit import base_model_family, transformer_family
+    from ipa_train.training.train import TrainConfig
+
+    snapshot = tmp_path / "models--someone--some-dit" / "snapshots" / "abc123"
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot / "transformer" / "config.json").write_text(json.dumps({"_class_name": cls}))
+    (tmp_path / "models--someone--some-dit" / "refs").mkdir()
+    (tmp_path / "models--someone--some-dit" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert transformer_family("someone/some-dit") == family
+    assert transformer_family("someone/not-downloaded") is None
+    other = "instantx-sd3" if family == "flux" else "xlabs-flux"
+    assert base_model_family("someone/not-downloaded", TrainConfig(output_dir=str(tmp_path / "o"), format=other)) \
+        == ("sd3" if family == "flux" else "flux")
+    assert DitBackbone("someone/not-downloaded", None, family=family).family == family

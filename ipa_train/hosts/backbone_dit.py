@@ -33,14 +33,15 @@ class DitBackbone(DiffusersBackbone):
     the DiT attributes: `schedule`, `guidance_input`, `image_input`).
 
     Args (besides `DiffusersBackbone`'s): transformer_dtype: dtype of the frozen transformer (bf16 for a 12 B Flux
-    on one GPU); max_sequence_length: T5 tokens per prompt (Flux dev 512, SD3 256 as their pipelines).
+    on one GPU); max_sequence_length: T5 tokens per prompt (Flux dev 512, SD3 256 as their pipelines); family:
+    "flux" | "sd3" when the caller knows it (a hub id whose transformer config is not in the hub cache yet).
     """
 
     def __init__(self, *args: Any, transformer_dtype: torch.dtype = torch.float32, max_sequence_length: int = 512,
-                 **kwargs: Any):
+                 family: str | None = None, **kwargs: Any):
         self.transformer_dtype = transformer_dtype
         self.max_sequence_length = max_sequence_length
-        self._family: str | None = None
+        self._family: str | None = family  # given for a hub id whose transformer config is not downloaded yet
         self._saved: Any = None
         self.installed: tuple[Any, DitAdapter] | None = None
         super().__init__(*args, **kwargs)

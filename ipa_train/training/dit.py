@@ -119,10 +119,25 @@ def load_state(adapter: DitAdapter, tensors: dict[str, torch.Tensor], path: str)
 _TRANSFORMER_CLASSES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 
+def _transformer_config(base_model: str | os.PathLike) -> Path | None:
+    """The transformer's config.json: in a local diffusers folder, or for a hub id in the local hub cache (no network:
+    a hub id not downloaded yet has none, and the family then comes from `--format`)."""
+    local = Path(base_model, "transformer", "config.json")
+    if local.is_file() or Path(base_model).exists():
+        return local if local.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(base_model), "transformer/config.json")
+    except (ValueError, OSError):  # not a valid repo id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def transformer_family(base_model: str | os.PathLike) -> str | None:
-    """"flux" | "sd3" from a diffusers folder's transformer/config.json (one small file), else None."""
-    config = Path(base_model, "transformer", "config.json")
-    if not config.is_file():
+    """"flux" | "sd3" from the transformer's config.json (one small file), else None. Loads no weights."""
+    config = _transformer_config(base_model)
+    if config is None:
         return None
     try:
         return _TRANSFORMER_CLASSES.get(json.loads(config.read_text()).get("_class_name"))
@@ -131,9 +146,9 @@ def transformer_family(base_model: str | os.PathLike) -> str | None:
 
 
 def base_model_family(base_model: str | os.PathLike | None, config: TrainConfig) -> str:
-    """The family of a run's base model without loading it: a local diffusers folder's transformer config (or its
-    unet/ folder), else the family of `--format` (a hub id), else "unet"."""
-    if base_model and Path(base_model).is_dir():
+    """The family of a run's base model without loading it: its transformer config (a local diffusers folder, or a
+    hub id already in the hub cache), or a local folder's unet/, else the family of `--format`, else "unet"."""
+    if base_model:
         found = transformer_family(base_model)
         if found or Path(base_model, "unet").is_dir():
             return found or "unet"
