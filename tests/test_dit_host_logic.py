@@ -42,6 +42,11 @@ def test_sd3_tokens_depend_on_the_step():
     b, temb_b, _ = project(sd3, feats, "concat", None, torch.tensor([100.0]))
     assert a.shape == (1, 128, 128) and temb_a.shape == (1, 128)
     assert not torch.allclose(a, b) and not torch.allclose(temb_a, temb_b)
+    memo = {}  # the resampler's input projection, kept across steps: the same tokens as computing it every step
+    for t, tokens, temb in ((900.0, a, temb_a), (100.0, b, temb_b)):
+        kept, kept_temb, _ = project(sd3, feats, "concat", None, torch.tensor([t]), memo)
+        assert torch.equal(kept, tokens) and torch.equal(kept_temb, temb)
+    assert memo["proj_in"].shape == (2, 729, 128)
 
 
 def test_rows_follow_cond_or_uncond():

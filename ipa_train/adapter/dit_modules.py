@@ -127,9 +127,11 @@ class TimeResampler(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.context_dim)
         self.norm_out = nn.LayerNorm(cfg.context_dim)
 
-    def forward(self, feats: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, timestep: torch.Tensor,
+                embedded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedded: `proj_in(feats)` when the caller kept it (it does not depend on t, so a sampler's steps share it)."""
         temb = self.time_embedding(timestep_embedding(timestep, self.timestep_in_dim).to(feats.dtype))  # [B, 1280]
-        x = self.proj_in(feats) + temb[:, None]
+        x = (self.proj_in(feats) if embedded is None else embedded) + temb[:, None]
         lat = self.latents.repeat(feats.shape[0], 1, 1)
         for attn, ff, ada in self.layers:
             shift_msa, scale_msa, shift_mlp, scale_mlp = ada(temb).chunk(4, dim=1)
@@ -151,6 +153,10 @@ class HeadRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and hasattr(F, "rms_norm"):
+            # the same math in one fused pass (half precision keeps the two roundings below, as diffusers);
+            # its output is contiguous, which SDPA prefers
+            return F.rms_norm(x, x.shape[-1:], self.weight.float(), self.eps)
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (x * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 

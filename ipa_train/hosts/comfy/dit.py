@@ -43,8 +43,12 @@ class DitEmbeds:
 
 
 def project(adapter: DitAdapter, feats: torch.Tensor, method: str, weights: Sequence[float] | None,
-            timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """References' encoder outputs [N, ...] -> (tokens [1, N*T or T, C], temb [1, E] or None, value weights [N*T])."""
+            timestep: torch.Tensor | None = None,
+            memo: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """References' encoder outputs [N, ...] -> (tokens [1, N*T or T, C], temb [1, E] or None, value weights [N*T]).
+
+    memo: a dict kept across calls with the same `feats` (a sampler's steps): holds the SD3.5 resampler's input
+    projection, which does not depend on the step."""
     n = feats.shape[0]
     w = reference_weights(weights, n)
     combined = combine_clip(feats, method, None if method == "concat" else w)
@@ -55,7 +59,9 @@ def project(adapter: DitAdapter, feats: torch.Tensor, method: str, weights: Sequ
     if timestep is None:
         tokens, temb = p(x), None
     else:
-        tokens, temb = p(x, timestep.to(x.device).expand(x.shape[0]))
+        if memo is not None and "proj_in" not in memo:
+            memo["proj_in"] = p.proj_in(x)
+        tokens, temb = p(x, timestep.to(x.device).expand(x.shape[0]), None if memo is None else memo["proj_in"])
         temb = temb[:1]  # the time embedding does not depend on the image
     tw = token_weights(w, tokens.shape[1]) if method == "concat" else None
     return tokens.reshape(1, -1, tokens.shape[-1]), temb, tw
@@ -113,6 +119,7 @@ class DitApplication:
         self._kv: dict[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._tokens: dict[Any, Any] = {}
         self._factors: dict[Any, torch.Tensor | None] = {}
+        self._memo: dict[Any, dict[int, dict]] = {}  # (device, dtype) -> side -> `project`'s step-independent parts
 
     def __deepcopy__(self, memo: dict) -> DitApplication:
         return self  # holds the adapter and its K/V: model clones share it, nothing in it changes per model
@@ -136,7 +143,8 @@ class DitApplication:
             with torch.no_grad():
                 adapter = self.on(device)
                 like = next(adapter.parameters())
-                out = {c: project(adapter, feats.to(like), e.method, e.weights, timestep)
+                memo = self._memo.setdefault((device, like.dtype), {0: {}, 1: {}})
+                out = {c: project(adapter, feats.to(like), e.method, e.weights, timestep, memo[c])
                        for c, feats in ((0, e.cond), (1, uncond))}
             self._tokens[key] = {c: (t.to(dtype), None if te is None else te.to(dtype), tw)
                                  for c, (t, te, tw) in out.items()}
@@ -207,7 +215,7 @@ class DitApplication:
         tokens and K/V of another device are dropped, new ones are made in the dtype of the first call's query."""
         if not isinstance(target, torch.dtype):
             device = as_device(target)
-            for cache in (self._kv, self._tokens, self._factors):
+            for cache in (self._kv, self._tokens, self._factors, self._memo):
                 for key in [k for k in cache if _device_of(k) not in (None, device)]:
                     del cache[key]
         return self

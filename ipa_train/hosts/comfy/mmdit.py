@@ -32,14 +32,15 @@ def _raw_qkv(x_block: Any, x: torch.Tensor, c: torch.Tensor):
     return (q, k, v), (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
 
 
-def _image_term(active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, to: dict) -> torch.Tensor:
-    """Sum of w * the SD3.5 image branch over the active applications: [B, L, H*D]."""
+def _add_image_terms(x_attn: torch.Tensor, active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     to: dict) -> torch.Tensor:
+    """x_attn [B, L, H*D] + the sum of w * the SD3.5 image branch over the active applications (the weight applied
+    in the same pass as the sum)."""
     labels = chunks_of(to, q.shape[0])
     sigma = sigma_of(to)
     info = call_info(to)
     heads = q.shape[2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
-    total = None
     for app, j, w in active:
         block = app.on(q.device).blocks[j]
         own = next(block.parameters()).dtype  # the branch runs in the adapter's dtype (fp32), the sum in q's
@@ -47,12 +48,10 @@ def _image_term(active: list, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_ip, v_ip = sd3_image_kv(block, tokens, temb, heads)
         if tw is not None:
             v_ip = v_ip * tw.to(v_ip).view(1, 1, -1, 1)
-        term = w * sd3_image_attention(block, *(t.to(own) for t in (qh, kh, vh)), k_ip, v_ip).to(q.dtype)
+        term = sd3_image_attention(block, *(t.to(own) for t in (qh, kh, vh)), k_ip, v_ip).to(q.dtype)
         factor = app.factor(info, q.shape[1], 0, q.shape[0], q.device, q.dtype)
-        if factor is not None:
-            term = term * factor
-        total = term if total is None else total + term
-    return total
+        x_attn = torch.add(x_attn, term if factor is None else term * factor, alpha=w)  # mask of ones: as none
+    return x_attn
 
 
 def run_joint(block: Any, active: list, args: dict, extra: dict) -> dict:
@@ -70,7 +69,7 @@ def run_joint(block: Any, active: list, args: dict, extra: dict) -> dict:
     s = context_qkv[0].shape[1]
     context_attn, x_attn = attn[:, :s], attn[:, s:]
     context = None if cb.pre_only else cb.post_attention(context_attn, *context_rest)
-    x_attn = x_attn + _image_term(active, q_raw, k_raw, v, to)
+    x_attn = _add_image_terms(x_attn, active, q_raw, k_raw, v, to)
     return {"txt": context, "img": xb.post_attention(x_attn, *x_rest)}
 
 
