@@ -160,9 +160,15 @@ def test_cli_train_releases_the_encoders_before_the_unet(tmp_path, tiny_model_di
     check_order([tuple(e) for e in out["events"]])
 
 
-def test_cpu_steps_convolve_on_the_native_kernel(tmp_path, tiny_model_dirs, dataset):
-    """oneDNN copies every frozen conv weight into its blocked layout on each call: the CPU step's forward and
-    backward run with it off, and the setting is the caller's again afterwards."""
+@pytest.mark.parametrize("threshold, native", [(0, True), (None, False)], ids=["large-convs", "small-convs"])
+def test_cpu_steps_convolve_on_the_native_kernel(tmp_path, tiny_model_dirs, dataset, monkeypatch, threshold, native):
+    """oneDNN copies every frozen conv weight into its blocked layout on each call: with convolutions as large as a
+    real UNet's (here: the size bar lowered to 0), the CPU step's forward and backward run with it off; small ones
+    (these tiny models', the toy model's) keep it. The setting is the caller's again afterwards."""
+    from ipa_train.training import engine
+
+    if threshold is not None:
+        monkeypatch.setattr(engine, "NATIVE_CONV_BYTES", threshold)
     seen = []
 
     class Probe(RecordingBackbone):
@@ -174,5 +180,5 @@ def test_cpu_steps_convolve_on_the_native_kernel(tmp_path, tiny_model_dirs, data
 
     before = torch.backends.mkldnn.enabled
     train(_config(tmp_path, "plain"), Probe(*tiny_model_dirs, device="cpu"), dataset)
-    assert seen == [("forward", False), ("backward", False)] * 2
+    assert seen == [("forward", before and not native), ("backward", before and not native)] * 2
     assert torch.backends.mkldnn.enabled == before

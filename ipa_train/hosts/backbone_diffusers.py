@@ -190,6 +190,11 @@ class DiffusersBackbone:
     def unet(self) -> Any:
         return self.get("unet")
 
+    @property
+    def denoiser(self) -> Any:
+        """The loaded denoiser (training reads its conv sizes to pick the CPU convolution kernel)."""
+        return self.unet
+
     parts = _PARTS  # component names of each releasable part
 
     def release(self, parts: tuple[str, ...]) -> None:

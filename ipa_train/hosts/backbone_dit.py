@@ -189,6 +189,10 @@ class DitBackbone(DiffusersBackbone):
     def transformer(self) -> Any:
         return self.get("transformer")
 
+    @property
+    def denoiser(self) -> Any:
+        return self.transformer
+
     def init_adapter(self, adapter: Any) -> None:
         """Nothing to read from the transformer: a DiT adapter starts from `init_for_training`."""
 

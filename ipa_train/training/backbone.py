@@ -93,6 +93,9 @@ class Backbone(Protocol):
     Encoders are frozen and run without gradients; `predict` runs the frozen denoiser with the installed adapter
     and must let gradients reach `ip_tokens` (and the adapter's image K/V weights).
 
+    Optional `denoiser`: the loaded denoiser module, read once after `attach` (training picks the CPU convolution
+    kernel from its conv sizes; without it, the memory-saving one).
+
     SDXL: a backbone with `size_conditioning = True` (optional attribute, False when absent) gets in
     `text.extra` its `encode_text`'s pooled `text_embeds` [B, P] plus `time_ids` [B, 6] = (original height,
     original width, crop top, crop left, target height, target width) of each sample, as the dataset prepared it.

@@ -16,6 +16,19 @@ logger = logging.getLogger(__name__)
 # Devices, precision and processes
 
 
+# A conv weight this large makes oneDNN's per-call re-layout copy matter for peak memory (see `Engine.kernels`).
+NATIVE_CONV_BYTES = 16 * 2**20
+
+
+def largest_conv_bytes(module: nn.Module | None) -> int | None:
+    """Bytes of the largest convolution weight under `module` (None when unknown)."""
+    if module is None:
+        return None
+    sizes = [m.weight.numel() * m.weight.element_size() for m in module.modules()
+             if isinstance(m, nn.modules.conv._ConvNd) and getattr(m, "weight", None) is not None]
+    return max(sizes, default=0)
+
+
 @contextlib.contextmanager
 def _native_convolutions():
     enabled = torch.backends.mkldnn.enabled
@@ -70,13 +83,14 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def kernels(self) -> contextlib.AbstractContextManager:
-        """Around a micro-batch's forward and backward. On CPU, ATen's own convolution instead of oneDNN's: oneDNN
-        reorders a frozen conv weight into its blocked layout on every call, forward and backward, a transient copy
-        as large as the biggest weight (118 MB for SD1.5's 2560->1280 3x3 conv) on top of all the step holds,
-        while the native kernel reads the weights in place (its im2col buffer is activation-sized) and is no
-        slower at training sizes on CPU."""
-        if self.device.type != "cpu":
+    def kernels(self, largest_conv_bytes: int | None = None) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward. On CPU, with a denoiser whose largest conv weight is at least
+        `NATIVE_CONV_BYTES` (or unknown: None), ATen's own convolution instead of oneDNN's: oneDNN reorders a frozen
+        conv weight into its blocked layout on every call, forward and backward, a transient copy as large as the
+        biggest weight (118 MB for SD1.5's 2560->1280 3x3 conv) on top of all the step holds, while the native kernel
+        reads the weights in place and is no slower at those sizes. Small convolutions (the toy model's, under 1 MB)
+        keep oneDNN, which is about 1.8x faster there and whose copies are negligible."""
+        if self.device.type != "cpu" or (largest_conv_bytes is not None and largest_conv_bytes < NATIVE_CONV_BYTES):
             return contextlib.nullcontext()
         return _native_convolutions()
 

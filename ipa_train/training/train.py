@@ -55,7 +55,7 @@ from .conditioning import Batch, Conditioning, drop_decisions, sample_indices
 from .config import TrainConfig
 from .data import CaptionedImages
 from .dit import resolve_format
-from .engine import Engine
+from .engine import Engine, largest_conv_bytes
 from .faceid import attach_face_lora, lora_parameters
 from .schedules import DDPMSchedule, NoiseSchedule, schedule_for
 
@@ -190,6 +190,7 @@ class _Run:
     conditioning: Conditioning
     state: LoopState
     schedule: NoiseSchedule
+    conv_bytes: int | None = None  # the denoiser's largest conv weight (None: unknown), see `Engine.kernels`
     checkpoints: list[Path] = field(default_factory=list)
     non_finite_in_a_row: int = 0
 
@@ -214,7 +215,8 @@ def _setup(config: TrainConfig, backbone: Backbone, dataset: CaptionedImages, en
     logger.info("training a %s adapter%s: %d trainable parameters, %d steps of %d x %d sample(s), %d image(s)",
                 adapter.config.variant, " (fused)" if config.fusion else "", sum(p.numel() for p in params),
                 config.steps, config.gradient_accumulation, config.batch_size * engine.world, len(dataset))
-    return _Run(adapter, params, optimizer, scheduler, model, conditioning, state, schedule_for(backbone, config))
+    return _Run(adapter, params, optimizer, scheduler, model, conditioning, state, schedule_for(backbone, config),
+                largest_conv_bytes(getattr(backbone, "denoiser", None)))
 
 
 def _diverged(config: TrainConfig, step: int, what: str) -> TrainingDiverged:
@@ -242,7 +244,7 @@ def _one_step(run: _Run, config: TrainConfig, backbone: Backbone, engine: Engine
     total = 0.0
     try:
         for a, batch in enumerate(_micro_batches(config, run.conditioning, run.state.step, engine)):
-            with engine.sync(run.model, a == config.gradient_accumulation - 1), engine.kernels():
+            with engine.sync(run.model, a == config.gradient_accumulation - 1), engine.kernels(run.conv_bytes):
                 loss = _loss(run.model, backbone, batch, engine, run.schedule)
                 engine.backward(loss / config.gradient_accumulation)
             total += float(loss.detach()) / config.gradient_accumulation
