@@ -183,16 +183,18 @@ def _encoder_dtype(config, device) -> typing.Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_STEPS, REAL_MODEL_COMMAND, run_demo
+    from .demo import REAL_FLUX_COMMAND, REAL_MODEL_COMMAND, run_demo
     from .outputs import MB, check_output_dir
 
     for flag, name, lo, hi in (("--steps", "steps", 1, 10**6), ("--sample-steps", "sample_steps", 1, 1000),
                                ("--seed", "seed", 0, 2**64 - 1), ("--seeds", "seeds", 1, 64), ("--threads", "threads", 1, 256)):
         check_range(flag, getattr(args, name, None), lo, hi)
     check_output_dir(args.output, 32 * MB, "demo output folder")  # the demo writes about 10 MB
-    steps = args.steps if args.steps is not None else (120 if args.random_backbone else DEMO_STEPS)
-    result = run_demo(args.output, steps=steps, seed=args.seed, seeds=args.seeds, random_backbone=args.random_backbone,
-                      sample_steps=args.sample_steps, threads=args.threads, projection=args.projection)
+    if args.random_backbone and args.family != "unet":
+        raise IPAKitError("demo: --random-backbone is the UNet smoke run; leave out --family flux")
+    result = run_demo(args.output, steps=args.steps, seed=args.seed, seeds=args.seeds,
+                      random_backbone=args.random_backbone, sample_steps=args.sample_steps, threads=args.threads,
+                      projection=args.projection, family=args.family, format=args.format)
     _out(f"adapter:   {result.adapter}")
     _out(f"loss plot: {result.loss_plot}")
     if args.random_backbone:
@@ -208,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for column, acc in result.accuracy.items():
             _out(f"  {column:<11} {acc:6.1%}")
     _out("To train on a real base model:")
-    _out(f"  {REAL_MODEL_COMMAND}")
+    _out(f"  {REAL_FLUX_COMMAND if args.family == 'flux' else REAL_MODEL_COMMAND}")
     return 0
 
 
@@ -343,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="offline demo: train an adapter on the shapes world with the shipped toy model, "
                                     "sample with and without it, report how often the reference colour comes through")
     s.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
+    s.add_argument("--family", choices=("unet", "flux"), default="unet",
+                   help="toy base model: unet (default, the UNet shapes model) or flux (the Flux shapes model)")
+    s.add_argument("--format", choices=("xlabs-flux", "instantx-flux"), default="xlabs-flux",
+                   help="--family flux: adapter layout to train (default: xlabs-flux)")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: 600; 120 with --random-backbone)")
     s.add_argument("--projection", choices=("plain", "plus"), default="plain",
                    help="adapter projection of the shapes demo (default: plain, over CLIP image_embeds; plus: Resampler)")

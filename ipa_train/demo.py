@@ -38,9 +38,18 @@ REAL_MODEL_COMMAND = (
     "--output runs/my-adapter --name my-ip-adapter --projection plus --steps 20000 --batch-size 8 "
     "--resolution 512 --mixed-precision fp16   (multi-GPU: accelerate launch -m ipa_train train ...)"
 )
+REAL_FLUX_COMMAND = (
+    "python -m ipa_train train --base-model black-forest-labs/FLUX.1-dev --image-encoder "
+    "openai/clip-vit-large-patch14 --format xlabs-flux --data YOUR_IMAGES/ --output runs/flux --resolution 512 "
+    "--batch-size 4 --mixed-precision bf16 --gradient-checkpointing --steps 20000   (README: Training Flux and SD3.5)"
+)
 DEMO_PROMPT_SHAPE = "circle"
 FUSED_LAMBDA = 0.8  # the published inference value of the fused mode
 DEMO_STEPS = 600  # plain adapter: 95 % of samples show the reference colour after 400 steps (README)
+DIT_DEMO_FORMAT = "xlabs-flux"  # --family flux: the adapter layout trained on the toy Flux model
+DIT_DEMO_STEPS = 600
+DIT_DEMO_TOKENS = 4
+DIT_DEMO_LR = 1e-3
 COLUMNS = (("no adapter", "scaled", 0.0, 1.0), ("scaled", "scaled", 1.0, 1.0),
            ("fused", "fused", 1.0, FUSED_LAMBDA))  # (column, mode, weight, lambda)
 
@@ -121,16 +130,18 @@ def _sample_and_report(backbone: Any, adapter: Any, out: Path, seeds: int) -> tu
     return files, grid, accuracy, entries
 
 
-def run_demo(output_dir: str | Path = "demo_output", steps: int = DEMO_STEPS, seed: int = 0, seeds: int = 4,
+def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, seed: int = 0, seeds: int = 4,
              batch_size: int = 16, random_backbone: bool = False, sample_steps: int = 12,
-             threads: int = 1, projection: str = "plain") -> DemoResult:
-    """Train a colour-carrying adapter (fused training) on the shapes world with the shipped toy model;
-    sample without it, in scaled mode and in fused mode (lambda 0.8); report what the oracle reads.
+             threads: int = 1, projection: str = "plain", family: str = "unet",
+             format: str = DIT_DEMO_FORMAT) -> DemoResult:
+    """Train a colour-carrying adapter on the shapes world with a shipped toy model (the UNet one with fused
+    training, or with `family="flux"` the Flux one with an adapter of `format`); sample without it, in scaled
+    mode and in fused mode (lambda 0.8); report what the oracle reads.
 
     Writes `<name>.safetensors`, `loss.png`, `grid.png`, `samples/*.png`, `references/*.png` and `report.json`.
 
     Args:
-        steps: training steps (batch of `batch_size` 32 px images).
+        steps: training steps (batch of `batch_size` 32 px images); None: the family's default.
         projection: "plus" (Resampler over the CLIP patch tokens) or "plain" (CLIP image_embeds).
         seeds: seeds per reference and column (8 references, 3 columns).
         random_backbone: run the former smoke demo instead (tiny random backbone, embedded photos).
@@ -139,24 +150,34 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int = DEMO_STEPS, se
             from more than one, and a second thread that has to wait for a busy core makes them many times slower.
     """
     if random_backbone:
-        return run_random_demo(output_dir, steps=steps, seed=seed, sample_steps=sample_steps)
+        return run_random_demo(output_dir, steps=steps or 120, seed=seed, sample_steps=sample_steps)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_toy_demo(Path(output_dir), steps, seed, seeds, batch_size, projection)
+        if family == "flux":
+            options = {"format": format, "num_tokens": DIT_DEMO_TOKENS, "lr": DIT_DEMO_LR}
+            return _run_toy_demo(Path(output_dir), steps or DIT_DEMO_STEPS, seed, seeds, batch_size, options)
+        return _run_toy_demo(Path(output_dir), steps or DEMO_STEPS, seed, seeds, batch_size,
+                             {"projection": projection, "fusion": True})
     finally:
         torch.set_num_threads(before)
 
 
-def _run_toy_demo(out: Path, steps: int, seed: int, seeds: int, batch_size: int, projection: str) -> DemoResult:
+def _run_toy_demo(out: Path, steps: int, seed: int, seeds: int, batch_size: int, options: dict[str, Any]) -> DemoResult:
     from .toy.experiment import train_world_adapter
-    from .toy.model import toy_backbone
 
     started = time.perf_counter()
-    backbone = toy_backbone()
+    if "format" in options:
+        from .toy.flux import toy_flux_backbone
+
+        backbone = toy_flux_backbone(options["format"])
+    else:
+        from .toy.model import toy_backbone
+
+        backbone = toy_backbone()
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_world_adapter(backbone, tmp, attribute="colour", projection=projection, fusion=True,
-                                     steps=steps, batch_size=batch_size, seed=seed)
+        result = train_world_adapter(backbone, tmp, attribute="colour", steps=steps, batch_size=batch_size, seed=seed,
+                                     **options)
         assert result.adapter_path is not None
         adapter_path = out / "shapes-colour-ip-adapter.safetensors"
         atomic_write(adapter_path, lambda dst: Path(dst).write_bytes(result.adapter_path.read_bytes()))
@@ -165,8 +186,8 @@ def _run_toy_demo(out: Path, steps: int, seed: int, seeds: int, batch_size: int,
     files, grid, accuracy, entries = _sample_and_report(backbone, result.adapter, out, seeds)
     seconds = time.perf_counter() - started
     report = {"prompt": entries[0]["prompt"], "accuracy_reference_colour": accuracy, "chance": 1 / 8,
-              "training": {"steps": steps, "batch_size": batch_size, "projection": projection, "fusion": True,
-                           "seconds": round(train_seconds, 1),
+              "base_model": "toy Flux (shapes_flux)" if "format" in options else "toy UNet (shapes_base)",
+              "training": {"steps": steps, "batch_size": batch_size, **options, "seconds": round(train_seconds, 1),
                            "final_loss": result.losses[-1]},
               "seconds": round(seconds, 1), "adapter": adapter_path.name, "grid": grid.name, "samples": entries}
     report_path = out / "report.json"

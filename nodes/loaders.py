@@ -34,7 +34,7 @@ def load(adapter_file: str):
     path = folder_paths.get_full_path_or_raise("ipadapter", adapter_file)
     tensors, metadata, real = read_tensors(path)
     if find_variant(tensors) is not None:  # Flux / SD3.5 (InstantX, XLabs)
-        adapter, info = load_dit(tensors, str(real))
+        adapter, info = load_dit(tensors, str(real), metadata)
         return adapter.float().eval(), {**info, "file": adapter_file}
     state = split_groups(tensors, metadata, str(real))
     config = detect_config(state)

@@ -183,8 +183,22 @@ def _measure(v: DitVariant, t: dict[str, torch.Tensor], path: str) -> DitConfig:
                      timestep_in_dim=temb_in, timestep_emb_dim=temb_dim)
 
 
-def detect_dit_config(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> DitConfig:
-    """Measure a DiT adapter's config; every inconsistency is one `AdapterFormatError` naming the file."""
+def _own_encoder_width(metadata: dict[str, str] | None) -> int | None:
+    """The encoder width our trainer recorded in a file it wrote (`ipa_kit.dit_config`), else None."""
+    import json
+
+    try:
+        return int(json.loads((metadata or {})["ipa_kit.dit_config"])["clip_embedding_dim"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def detect_dit_config(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> DitConfig:
+    """Measure a DiT adapter's config; every inconsistency is one `AdapterFormatError` naming the file.
+
+    The projection must read the official encoder's width, except in a file our trainer wrote for a smaller
+    encoder (the shapes world's toy models), whose metadata records the width it was trained with."""
     path = os.fspath(path)
     v = find_variant(tensors)
     if v is None:
@@ -195,7 +209,7 @@ def detect_dit_config(tensors: dict[str, torch.Tensor], path: str | os.PathLike)
         raise
     except (IndexError, ValueError, ZeroDivisionError) as e:
         raise _fail(path, f"the {v.label} tensors have unexpected shapes ({clean(str(e), 80)}): the file is damaged") from None
-    if cfg.clip_embedding_dim != v.encoder_width:
+    if cfg.clip_embedding_dim not in (v.encoder_width, _own_encoder_width(metadata)):
         raise _fail(path, f"the {v.label} projection reads width {cfg.clip_embedding_dim}, but {v.encoder} gives "
                           f"{v.encoder_width}: the file is damaged or not an official {v.label}")
     if cfg.context_dim != (_block_in := _block_input_width(cfg, tensors)):

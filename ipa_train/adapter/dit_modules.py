@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ImageTokens:
     """What a DiT adapter's projection gives the transformer: tokens [B, T, C] and, for SD3.5's time-conditioned
-    resampler, its timestep embedding temb [B, E] (the blocks' adaptive norm reads it; None for Flux)."""
+    resampler, its timestep embedding temb [B, E] (the blocks' adaptive norm reads it; None for Flux). `weight`
+    scales the image attention's output where the training processors sample with it (0: left out exactly)."""
 
     tokens: torch.Tensor
     temb: torch.Tensor | None = None
+    weight: float = 1.0
 
 
 class MLPProjection(nn.Module):
@@ -273,9 +275,10 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def load_dit(tensors: dict[str, torch.Tensor], path: str) -> tuple[DitAdapter, dict]:
-    """-> (adapter, `inspect --json` info) for the tensors of a DiT adapter file."""
-    cfg = detect_dit_config(tensors, path)
+def load_dit(tensors: dict[str, torch.Tensor], path: str,
+             metadata: dict[str, str] | None = None) -> tuple[DitAdapter, dict]:
+    """-> (adapter, `inspect --json` info) for the tensors (and safetensors metadata) of a DiT adapter file."""
+    cfg = detect_dit_config(tensors, path, metadata)
     adapter = build_dit_adapter(cfg, tensors, path)
     bad = non_finite_tensors(tensors)
     if bad:

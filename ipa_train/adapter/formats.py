@@ -57,7 +57,7 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """
     tensors, metadata, real = read_tensors(path)
     if find_variant(tensors) is not None:
-        dit, info = load_dit(tensors, os.fspath(real))
+        dit, info = load_dit(tensors, os.fspath(real), metadata)
         logger.info("loaded %s adapter from %s", info["format"], real)
         return dit.to(dtype).eval()
     state = split_groups(tensors, metadata, os.fspath(real))
@@ -71,7 +71,7 @@ def inspect_file(path: str | os.PathLike, variant: str | None = None) -> dict[st
     """Summary used by `python -m ipa_train inspect` and the loader node."""
     tensors, metadata, real = read_tensors(path)
     if find_variant(tensors) is not None:
-        return {**load_dit(tensors, os.fspath(real))[1], "file": os.fspath(path)}
+        return {**load_dit(tensors, os.fspath(real), metadata)[1], "file": os.fspath(path)}
     state = split_groups(tensors, metadata, os.fspath(real))
     cfg = detect_config(state, variant)
     adapter = build_adapter(state, cfg)
@@ -146,9 +146,9 @@ def _save_dit(adapter: DitAdapter, path: Path, extra_metadata: dict[str, str] | 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> AdapterConfig:
     """Turn a reference/accelerate training checkpoint (or any readable adapter) into the official layout."""
-    tensors, _, real = read_tensors(src)
+    tensors, metadata, real = read_tensors(src)
     if find_variant(tensors) is not None:  # a Flux / SD3.5 adapter (or our checkpoint of one): its own layout
-        dit, _ = load_dit(tensors, os.fspath(real))
+        dit, _ = load_dit(tensors, os.fspath(real), metadata)
         save_adapter(dit, dst, {"ipa_kit.converted_from": os.path.basename(os.fspath(src))})
         return dit.config
     state = read_adapter_state(src)

@@ -42,11 +42,12 @@ class FluxTrainProcessor:
         self.format = adapter.config.format
 
     def _image_attention(self, q: torch.Tensor, ip: ImageTokens | None, heads: int) -> torch.Tensor | None:
-        if ip is None or self.j is None:
+        if ip is None or self.j is None or ip.weight == 0:
             return None
         block = self._adapter[0].blocks[self.j]
         k_ip, v_ip = flux_image_kv(block, ip.tokens, heads, self.format)  # in the adapter's dtype (fp32)
-        return flux_image_attention(q, k_ip, v_ip)  # [B, L, H*D]
+        out = flux_image_attention(q, k_ip, v_ip)  # [B, L, H*D]
+        return out if ip.weight == 1 else out * ip.weight
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,

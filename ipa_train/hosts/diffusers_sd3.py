@@ -24,12 +24,13 @@ class SD3TrainProcessor:
         self.j = j
 
     def _image_branch(self, q, k, v, ip: ImageTokens | None, heads: int) -> torch.Tensor | None:
-        if ip is None:
+        if ip is None or ip.weight == 0:
             return None
         block = self._adapter[0].blocks[self.j]
         own = next(block.parameters()).dtype
         k_ip, v_ip = sd3_image_kv(block, ip.tokens, ip.temb, heads)
-        return sd3_image_attention(block, q.to(own), k.to(own), v.to(own), k_ip, v_ip).to(q.dtype)
+        out = sd3_image_attention(block, q.to(own), k.to(own), v.to(own), k_ip, v_ip).to(q.dtype)
+        return out if ip.weight == 1 else out * ip.weight
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, ip_tokens: ImageTokens | None = None) -> Any:

@@ -31,11 +31,26 @@ class EncoderConfig:
     seed: int = 0
 
 
-def clip_inputs(scenes: list[world.Scene]) -> torch.Tensor:
-    """CLIP inputs [B, 3, 224, 224] of rendered scenes, prepared exactly as the training data and the nodes do."""
+SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def clip_inputs(scenes: list[world.Scene], siglip: bool = False) -> torch.Tensor:
+    """Vision inputs [B, 3, 224, 224] of rendered scenes, prepared exactly as the training data and the nodes do
+    (CLIP's mean/std, or SigLIP's 0.5/0.5)."""
     from ..training.data import clip_pixels
 
-    return torch.stack([clip_pixels(world.to_pil(x)) for x in world.render(scenes)])
+    kwargs = {"mean_std": SIGLIP_MEAN_STD} if siglip else {}
+    return torch.stack([clip_pixels(world.to_pil(x), **kwargs) for x in world.render(scenes)])
+
+
+def is_siglip(encoder: Any) -> bool:
+    return "siglip" in type(encoder.config).__name__.lower()
+
+
+def embed(encoder: Any, scenes: list[world.Scene]) -> torch.Tensor:
+    """The pooled embedding an adapter reads [B, D]: CLIP's `image_embeds`, SigLIP's pooled output."""
+    out = encoder(clip_inputs(scenes, siglip=is_siglip(encoder)))
+    return out.pooler_output if is_siglip(encoder) else out.image_embeds
 
 
 def _labels(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,18 +61,19 @@ def _labels(scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def pretrain_image_encoder(encoder: Any, config: EncoderConfig | None = None) -> dict[str, Any]:
-    """Train `encoder` (a `CLIPVisionModelWithProjection`) in place; returns steps, final loss and seconds."""
+    """Train `encoder` (a `CLIPVisionModelWithProjection` or `SiglipVisionModel`) in place; returns steps, final loss and seconds."""
     config = config or EncoderConfig()
     sizes = (len(world.COLOURS), len(world.SHAPES), len(world.BACKGROUNDS))
     torch.manual_seed(config.seed + 400)  # the heads' initialisation
-    heads = torch.nn.Linear(encoder.config.projection_dim, sum(sizes))
+    width = encoder.config.hidden_size if is_siglip(encoder) else encoder.config.projection_dim
+    heads = torch.nn.Linear(width, sum(sizes))
     opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=config.lr)
     data_gen = torch.Generator().manual_seed(config.seed + 500)
     encoder.train()
     started, losses = time.perf_counter(), []
     for step in range(config.steps):
         scenes = world.random_scenes(config.batch_size, data_gen)
-        logits = heads(encoder(clip_inputs(scenes)).image_embeds).split(sizes, dim=1)  # 3 x [B, K]
+        logits = heads(embed(encoder, scenes)).split(sizes, dim=1)  # 3 x [B, K]
         loss = sum(F.cross_entropy(lg, y) for lg, y in zip(logits, _labels(scenes)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -77,7 +93,7 @@ def probe_accuracy(encoder: Any, n: int = 256, seed: int = 77) -> dict[str, floa
     separate scenes): how well the embeddings tell the world's attributes apart."""
     g = torch.Generator().manual_seed(seed)
     fit, test = world.random_scenes(n, g), world.random_scenes(n, g)
-    e_fit, e_test = encoder(clip_inputs(fit)).image_embeds, encoder(clip_inputs(test)).image_embeds
+    e_fit, e_test = embed(encoder, fit), embed(encoder, test)
     out = {}
     for name, y_fit, y_test in zip(("colour", "shape", "background"), _labels(fit), _labels(test)):
         classes = int(y_fit.max()) + 1

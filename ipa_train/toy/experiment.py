@@ -74,8 +74,12 @@ def transfer_trials(n: int, attribute: str = "colour", draw_seed: int = 0, **app
 @torch.no_grad()
 def run_trials(backbone: Any, adapter: Any, trials: list[Trial], chunk: int = 64) -> torch.Tensor:
     """Sample every trial -> images [N, 3, 32, 32] in [0, 1]; trials sharing mode/weight/lambda/seed run batched."""
+    from ..adapter.dit_modules import DitAdapter
     from ..hosts.backbone_diffusers import generate
+    from ..hosts.dit_generate import generate_dit
 
+    dit = isinstance(adapter, DitAdapter)
+    sampler, siglip = (generate_dit, adapter.config.clip_output == "siglip_pooled") if dit else (generate, False)
     out: list[torch.Tensor | None] = [None] * len(trials)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(trials):
@@ -83,8 +87,8 @@ def run_trials(backbone: Any, adapter: Any, trials: list[Trial], chunk: int = 64
     for (mode, weight, lam, seed), idx in groups.items():
         for start in range(0, len(idx), chunk):
             part = idx[start:start + chunk]
-            pixels = clip_inputs([trials[i].reference for i in part])  # [B, 3, 224, 224]
-            images = generate(backbone, adapter, pixels, [trials[i].prompt for i in part], mode=mode, weight=weight,
+            pixels = clip_inputs([trials[i].reference for i in part], siglip=siglip)  # [B, 3, 224, 224]
+            images = sampler(backbone, adapter, pixels, [trials[i].prompt for i in part], mode=mode, weight=weight,
                               fusion_lambda=lam, steps=SAMPLE_STEPS, guidance=GUIDANCE, size=world.IMAGE_SIZE,
                               seed=seed)
             for i, x in zip(part, images):

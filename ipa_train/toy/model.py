@@ -141,39 +141,51 @@ _WEIGHTED = ("unet", "text_encoder", "image_encoder")
 
 
 def save_components(path: str | os.PathLike, components: dict[str, Any], configs: dict[str, dict[str, Any]],
-                    info: dict[str, Any] | None = None) -> Path:
-    """Write the weighted components to one safetensors file; configs (and `info`) go into its metadata."""
+                    info: dict[str, Any] | None = None, weighted: tuple[str, ...] = _WEIGHTED,
+                    fmt: str = FORMAT) -> Path:
+    """Write the `weighted` components to one safetensors file; configs (and `info`) go into its metadata."""
     from safetensors.torch import save_file
 
     from ..adapter.formats import atomic_write
 
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu().clone()
-               for name in _WEIGHTED for k, v in components[name].state_dict().items()}
-    meta = {"format": FORMAT, "configs": json.dumps(configs), "info": json.dumps(info or {})}
+               for name in weighted for k, v in components[name].state_dict().items()}
+    meta = {"format": fmt, "configs": json.dumps(configs), "info": json.dumps(info or {})}
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
-def load_components(path: str | os.PathLike = SHIPPED) -> dict[str, Any]:
-    """Components from a file written by `save_components` (default: the shipped pretrained model)."""
+def read_model_file(path: str | os.PathLike, fmt: str = FORMAT,
+                    rebuild: str = "python scripts/build_toy_model.py") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(configs, tensors) of a file written by `save_components` with format `fmt`; one clear error otherwise."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise IPAKitError(f"toy model {path} not found; rebuild it with `python scripts/build_toy_model.py`")
+        raise IPAKitError(f"toy model {path} not found; rebuild it with `{rebuild}`")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise IPAKitError(f"{path} is not a toy shapes model (metadata format {meta.get('format')!r}, "
-                              f"expected {FORMAT!r}); rebuild it with `python scripts/build_toy_model.py`")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    components = build_components(json.loads(meta["configs"]))
-    for name in _WEIGHTED:
+        if meta.get("format") != fmt:
+            raise IPAKitError(f"{path} is not a toy shapes model of this kind (metadata format "
+                              f"{meta.get('format')!r}, expected {fmt!r}); rebuild it with `{rebuild}`")
+        return json.loads(meta["configs"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def load_weights(components: dict[str, Any], tensors: dict[str, torch.Tensor], weighted: tuple[str, ...]) -> None:
+    """Load `<component>.`-prefixed tensors into the `weighted` components (strict) and set them to eval."""
+    for name in weighted:
         prefix = f"{name}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         components[name].load_state_dict(state, strict=True)
         components[name].eval()
+
+
+def load_components(path: str | os.PathLike = SHIPPED) -> dict[str, Any]:
+    """Components from a file written by `save_components` (default: the shipped pretrained model)."""
+    configs, tensors = read_model_file(path)
+    components = build_components(configs)
+    load_weights(components, tensors, _WEIGHTED)
     return components
 
 

@@ -109,12 +109,14 @@ def sample(components: dict[str, Any], prompts: list[str], seed: int = 0, steps:
 
 
 def text_only_accuracy(components: dict[str, Any], n: int = 64, seed: int = 1234, steps: int = 20,
-                       guidance: float = 3.0) -> dict[str, float]:
-    """Sample `n` full-caption prompts and read them with the oracle: colour and shape accuracy."""
+                       guidance: float = 3.0, sampler: Any = None) -> dict[str, float]:
+    """Sample `n` full-caption prompts (with `sampler`, default this module's UNet `sample`) and read them with the
+    oracle: colour and shape accuracy."""
     from .oracle import accuracy, read_batch
 
     scenes = world.random_scenes(n, torch.Generator().manual_seed(seed))
-    images = sample(components, [world.caption(s) for s in scenes], seed=seed, steps=steps, guidance=guidance)
+    images = (sampler or sample)(components, [world.caption(s) for s in scenes], seed=seed, steps=steps,
+                                 guidance=guidance)
     readings = read_batch(images)
     return {"colour": accuracy(readings, [s.colour for s in scenes], "colour"),
             "shape": accuracy(readings, [s.shape for s in scenes], "shape"), "samples": n}
@@ -187,30 +189,36 @@ def _pretrain_unet(parts: dict[str, Any], config: PretrainConfig, configs: dict[
         loss.backward()
         opt.step()
         lr_sched.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
         losses.append(loss.item())
-        if (step + 1) % config.log_every == 0:
-            recent = losses[-config.log_every:]
-            logger.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, config.steps, sum(recent) / len(recent),
-                        (time.perf_counter() - started) / (step + 1))
-        last = step + 1 == config.steps
-        if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0 and not last:
-            _save_ema(Path(checkpoint_dir) / f"step{step + 1:06d}.safetensors", parts, ema, configs,
-                      {"steps": step + 1, "config": asdict(config)})
+        after_step(step, unet, ema, losses, config, started)
+        if checkpoint_dir and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            info = {"steps": step + 1, "config": asdict(config)}
+            save_ema(Path(checkpoint_dir) / f"step{step + 1:06d}.safetensors", parts, "unet", ema,
+                     lambda path, info=info: save_components(path, parts, configs, info))
     parts["unet"].load_state_dict(ema)
     parts["unet"].eval()
     return {"steps": config.steps, "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             "seconds": round(time.perf_counter() - started, 1), "threads": config.threads}
 
 
-def _save_ema(path: Path, parts: dict[str, Any], ema: dict[str, torch.Tensor], configs: dict[str, Any],
-              info: dict[str, Any]) -> None:
-    trained = {k: v.detach().clone() for k, v in parts["unet"].state_dict().items()}
-    parts["unet"].load_state_dict(ema)
+def after_step(step: int, model: Any, ema: dict[str, torch.Tensor], losses: list[float], config: Any,
+               started: float) -> None:
+    """The EMA update of `model`'s weights (decay warming up to `config.ema_decay`) and the periodic loss log."""
+    decay = min(config.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+    if (step + 1) % config.log_every == 0:
+        recent = losses[-config.log_every:]
+        logger.info("step %d/%d loss %.4f (%.2f s/step)", step + 1, config.steps, sum(recent) / len(recent),
+                    (time.perf_counter() - started) / (step + 1))
+
+
+def save_ema(path: Path, parts: dict[str, Any], name: str, ema: dict[str, torch.Tensor], write: Any) -> None:
+    """Write a checkpoint with the EMA weights in `parts[name]` (`write(path)`), then put the trained ones back."""
+    trained = {k: v.detach().clone() for k, v in parts[name].state_dict().items()}
+    parts[name].load_state_dict(ema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_components(path, parts, configs, info)
-    parts["unet"].load_state_dict(trained)
+    write(path)
+    parts[name].load_state_dict(trained)
     logger.info("wrote %s", path)

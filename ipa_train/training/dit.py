@@ -63,12 +63,12 @@ def new_config(config: TrainConfig, sizes: BackboneSizes) -> DitConfig:
 def init_file_config(path: str, config: TrainConfig) -> tuple[DitConfig, dict[str, torch.Tensor]]:
     """The layout and tensors of an `--init-adapter` file for a DiT run; one line when it is a UNet / FaceID
     file or a file of another format."""
-    tensors, _, real = read_tensors(path)
+    tensors, metadata, real = read_tensors(path)
     if find_variant(tensors) is None:
         raise TrainConfigError(f"{path}: a UNet (SD1.5 / SDXL / FaceID) adapter cannot start a {config.format} run; "
                                f"give an official {config.format} file as --init-adapter, or leave it out to train "
                                "from scratch")
-    cfg = detect_dit_config(tensors, os.fspath(real))
+    cfg = detect_dit_config(tensors, os.fspath(real), metadata)
     if cfg.format != config.format:
         raise TrainConfigError(f"{path}: this is a {FAMILY_LABEL[cfg.family]} adapter of format {cfg.format}, the run trains "
                                f"{config.format}; use --format {cfg.format} (on a {FAMILY_LABEL[cfg.family]} base "

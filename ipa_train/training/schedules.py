@@ -102,6 +102,12 @@ class FlowMatchSchedule:
         s = self.shift_for(latents)
         return s * u / (1 + (s - 1) * u)  # [B] sigmas in (0, 1)
 
+    def sampling_sigmas(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """An Euler sampler's sigma grid [steps + 1] from 1 to 0, shifted as training draws them."""
+        s = self.shift_for(latents)
+        u = torch.linspace(1.0, 0.0, steps + 1)
+        return s * u / (1 + (s - 1) * u)
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = t.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
         return (1 - sigma) * latents + sigma * noise
