@@ -137,7 +137,9 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
     configs = default_configs(config.patch)
     parts = build_components(configs, seed=config.seed)
     if unet_from is not None:
-        info = _unet_from(parts, Path(unet_from), configs)
+        from .model import load_components
+
+        info = stage_from(parts, load_components(unet_from), "unet", Path(unet_from), "--unet-from")
     else:
         info = _pretrain_unet(parts, config, configs, checkpoint_dir)
     if config.encoder_steps:
@@ -151,16 +153,17 @@ def pretrain(output: str | os.PathLike, config: PretrainConfig | None = None,
     return info
 
 
-def _unet_from(parts: dict[str, Any], path: Path, configs: dict[str, Any]) -> dict[str, Any]:
-    """Load the UNet of an earlier build into `parts`; its info (minus the encoder stage) is returned."""
-    from .model import load_components, model_info
+def stage_from(parts: dict[str, Any], earlier: dict[str, Any], name: str, path: Path, flag: str) -> dict[str, Any]:
+    """Take the denoiser `name` of an earlier build (`earlier`, its components, read from `path`) into `parts`;
+    returns that build's info minus its encoder stage(s)."""
+    from .model import model_info
 
-    earlier = load_components(path)
-    if earlier["unet"].config != parts["unet"].config:
-        raise IPAKitError(f"{path}: its UNet config differs from this build's (--patch?); rebuild without --unet-from")
-    parts["unet"].load_state_dict(earlier["unet"].state_dict())
-    info = {k: v for k, v in model_info(path).items() if k not in ("encoder", "config")}
-    return {**info, "unet_from": path.name}
+    if dict(earlier[name].config) != dict(parts[name].config):
+        label = "UNet config differs from this build's (--patch?)" if name == "unet" else f"{name} config differs"
+        raise IPAKitError(f"{path}: its {label}; rebuild without {flag}")
+    parts[name].load_state_dict(earlier[name].state_dict())
+    info = {k: v for k, v in model_info(path).items() if not k.startswith("encoder") and k != "config"}
+    return {**info, f"{name}_from": path.name}
 
 
 def _pretrain_unet(parts: dict[str, Any], config: PretrainConfig, configs: dict[str, Any],

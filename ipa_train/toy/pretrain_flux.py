@@ -13,20 +13,19 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import IPAKitError
 from ..hosts.diffusers_flux import image_ids, pack, unpack
 from ..training.schedules import DynamicShift, FlowMatchSchedule
 from . import world
 from .flux import FLUX_FORMAT, WEIGHTED, build_flux_components, default_flux_configs
 from .model import save_components
-from .pretrain import _caption, _lr_factor, after_step, save_ema, text_only_accuracy, to_latents
+from .pretrain import _caption, _lr_factor, after_step, save_ema, stage_from, text_only_accuracy, to_latents
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +123,10 @@ def pretrain_flux(output: str | os.PathLike, config: FluxPretrainConfig | None =
     configs = default_flux_configs()
     parts = build_flux_components(configs, seed=config.seed)
     if transformer_from is not None:
-        info = _transformer_from(parts, Path(transformer_from))
+        from .flux import load_flux_components
+
+        info = stage_from(parts, load_flux_components(transformer_from), "transformer", Path(transformer_from),
+                          "--transformer-from")
     else:
         info = _pretrain_transformer(parts, config, configs, checkpoint_dir)
     if config.encoder_steps:
@@ -139,18 +141,6 @@ def pretrain_flux(output: str | os.PathLike, config: FluxPretrainConfig | None =
     return info
 
 
-def _transformer_from(parts: dict[str, Any], path: Path) -> dict[str, Any]:
-    from .flux import load_flux_components
-    from .model import model_info
-
-    earlier = load_flux_components(path)
-    if dict(earlier["transformer"].config) != dict(parts["transformer"].config):
-        raise IPAKitError(f"{path}: its transformer config differs from this build's; rebuild without --transformer-from")
-    parts["transformer"].load_state_dict(earlier["transformer"].state_dict())
-    info = {k: v for k, v in model_info(path).items() if not k.startswith("encoder") and k != "config"}
-    return {**info, "transformer_from": path.name}
-
-
 def _pretrain_transformer(parts: dict[str, Any], config: FluxPretrainConfig, configs: dict[str, Any],
                           checkpoint_dir: str | os.PathLike | None) -> dict[str, Any]:
     """The transformer stage; leaves the EMA weights in `parts["transformer"]` and returns its figures."""
@@ -163,18 +153,14 @@ def _pretrain_transformer(parts: dict[str, Any], config: FluxPretrainConfig, con
     data_gen = torch.Generator().manual_seed(config.seed + 100)
     noise_gen = torch.Generator().manual_seed(config.seed + 200)
     rng = random.Random(config.seed + 300)
+    schedule = replace(SCHEDULE, sampling=config.timestep_sampling)
     started, losses = time.perf_counter(), []
     for step in range(config.steps):
         scenes = world.random_scenes(config.batch_size, data_gen)
         latents = to_latents(world.render(scenes), configs["vae"]["patch"])
         hidden, pooled = text([_caption(s, config, rng) for s in scenes])
         noise = torch.randn(latents.shape, generator=noise_gen)
-        if config.timestep_sampling == "uniform":
-            u = torch.rand(config.batch_size, generator=noise_gen)
-        else:
-            u = torch.sigmoid(torch.randn(config.batch_size, generator=noise_gen))  # logit-normal(0, 1)
-        s = SCHEDULE.shift_for(latents)
-        sigmas = s * u / (1 + (s - 1) * u)
+        sigmas = schedule.sample(latents, generator=noise_gen)
         noisy = SCHEDULE.add_noise(latents, noise, sigmas)
         loss = F.mse_loss(velocity(model, noisy, sigmas, hidden, pooled), SCHEDULE.target(latents, noise, sigmas))
         opt.zero_grad(set_to_none=True)

@@ -93,12 +93,12 @@ class FlowMatchSchedule:
             return self.shift
         return self.dynamic.shift(latents) if self.dynamic is not None else 1.0
 
-    def sample(self, latents: torch.Tensor) -> torch.Tensor:
+    def sample(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n = latents.shape[0]
         if self.sampling == "uniform":
-            u = torch.rand(n)
+            u = torch.rand(n, generator=generator)
         else:
-            u = torch.sigmoid(torch.randn(n) * self.logit_std + self.logit_mean)
+            u = torch.sigmoid(torch.randn(n, generator=generator) * self.logit_std + self.logit_mean)
         s = self.shift_for(latents)
         return s * u / (1 + (s - 1) * u)  # [B] sigmas in (0, 1)
 
