@@ -44,6 +44,14 @@ def setup() -> None:
     STAMP.write_text(_wanted())
 
 
+def _workers(args: list[str]) -> list[str]:
+    """pytest-xdist over the cores (at most 4 workers): most tests run one thread, so two cores take about half
+    the time. Left out when the caller chose (`-n`, `-p no:xdist`) or one core is all there is."""
+    n = min(os.cpu_count() or 1, 4)
+    chosen = any(a == "-n" or a.startswith(("-n=", "--numprocesses", "-pno:xdist")) or a == "no:xdist" for a in args)
+    return [] if chosen or n < 2 else ["-n", str(n), "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("test", "demo", "setup", "host"):
         sys.stderr.write(__doc__ or "")
@@ -56,7 +64,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "setup":
         return 0
     if argv[0] == "test":
-        rc = subprocess.run([str(PY), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
+        rc = subprocess.run([str(PY), "-m", "pytest", *_workers(argv[1:]), *argv[1:]], cwd=ROOT).returncode
         # pytest exits 5 when it collected no test (e.g. a -k filter matched nothing): not a failure here.
         return 0 if rc == 5 else rc
     return subprocess.run([str(PY), "-m", "ipa_train", "demo", *argv[1:]], cwd=ROOT).returncode

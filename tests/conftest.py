@@ -1,9 +1,12 @@
 import logging
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Two threads at most; under pytest-xdist the cores are shared by the workers, one thread each where they fill them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)

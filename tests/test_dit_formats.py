@@ -169,3 +169,33 @@ def test_unet_only_nodes_refuse_a_dit_adapter_in_one_line(tmp_path):
         with pytest.raises(IPAKitError, match="does not take the xlabs-flux") as e:
             call(torch.zeros(1, 768))
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["instantx-flux-safetensors", "instantx-sd3-bin"])
+def test_convert_to_bin_writes_the_official_nested_torch_file(name, tmp_path, capsys):
+    """`convert X.safetensors Y.bin`: the tencent / InstantX `.bin` (nested image_proj / ip_adapter dicts of plain
+    tensors, readable with weights_only=True) that packs reading only torch files take; our loader reads it back."""
+    build, filename, *_ = f.FILES[name]
+    state = build()
+    src = f.write(state, tmp_path / filename)
+    dst = tmp_path / "out" / "ip-adapter.bin"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert f"{f.FILES[name][2]} adapter, {f.FILES[name][-1]} transformer blocks" in capsys.readouterr().out
+    nested = torch.load(dst, map_location="cpu", weights_only=True)
+    assert set(nested) == {"image_proj", "ip_adapter"}
+    official = state if "image_proj" in state else {g: {k.partition(".")[2]: v for k, v in f.flat(state).items()
+                                                        if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+    for group in ("image_proj", "ip_adapter"):
+        assert nested[group].keys() == official[group].keys()
+        assert all(torch.equal(nested[group][k], official[group][k]) for k in official[group])
+    again = load_adapter(dst)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), load_adapter(src).state_dict().values()))
+
+
+def test_convert_to_bin_refuses_a_layout_without_one(tmp_path, capsys):
+    src = f.write(f.xlabs_flux(), tmp_path / "ip_adapter.safetensors")
+    dst = tmp_path / "ip_adapter.bin"
+    assert main(["convert", str(src), str(dst)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ip_adapter.bin" in err[0] and ".safetensors" in err[0] and "official .bin" in err[0]
+    assert not dst.exists() and not list(tmp_path.glob(".ip_adapter.bin.*"))

@@ -85,6 +85,23 @@ def test_save_round_trip_with_fusion_and_metadata(tmp_path):
     assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # readable like any normally written file
 
 
+def test_bin_round_trip_is_the_official_torch_layout(tmp_path):
+    """`.bin`: the nested {"image_proj", "ip_adapter"} torch file of the releases, read back with weights_only;
+    a fused adapter (its `fusion.*` weights have no place there) is refused in one line, nothing written."""
+    unet = tiny_unet("sd15")
+    adapter = adapter_for_unet(unet, "plus")
+    path = save_adapter(adapter, tmp_path / "mine.bin")
+    nested = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(nested) == {"image_proj", "ip_adapter"}
+    back = load_adapter(path)
+    assert back.config.projection == "plus"
+    for k, v in adapter.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(AdapterFormatError, match=r"fused\.bin: this adapter has 'fusion\..*official \.bin"):
+        save_adapter(adapter_for_unet(unet, "plain", fusion=True), tmp_path / "fused.bin")
+    assert sorted(os.listdir(tmp_path)) == ["mine.bin"]
+
+
 def test_saved_file_loads_in_diffusers_load_ip_adapter(tmp_path):
     """Our file (with fusion weights under their own prefix) loads through diffusers' public loader and
     gives the same projection output as our loader."""
@@ -251,8 +268,8 @@ def test_wrong_extension_and_missing_file(tmp_path):
     with pytest.raises(AdapterFormatError, match=r"a\.gguf.*unsupported extension"):
         load_adapter(tmp_path / "a.gguf")
     adapter = random_adapter(official_config(OFFICIAL[0]))
-    with pytest.raises(AdapterFormatError, match=r"\.safetensors only"):
-        save_adapter(adapter, tmp_path / "out.bin")
+    with pytest.raises(AdapterFormatError, match=r"out\.pt: adapters are written as \.safetensors \(or \.bin"):
+        save_adapter(adapter, tmp_path / "out.pt")
 
 
 def _umask() -> int:

@@ -111,19 +111,29 @@ def warn_non_finite(state: AdapterState) -> list[str]:
 
 
 def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter as safetensors in the official flat layout, the config JSON in the metadata.
+    """Write the adapter in its official layout: `.safetensors` (flat keys, the config JSON in the metadata) or
+    `.bin` (see `_save_bin`).
 
-    Fusion weights go under `fusion.*`, which diffusers' and cubiq's loaders ignore, so the file still loads
-    there as a plain/plus/full adapter.
+    UNet fusion weights go under `fusion.*`, which diffusers' and cubiq's loaders ignore, so the file still loads
+    there as a plain/plus/full adapter. Flux / SD3.5 adapters keep their official keys (XLabs:
+    `ip_adapter_proj_model.*`, `double_blocks.{i}.processor.*`; InstantX: `image_proj.*`, `ip_adapter.{j}.*`)
+    and their sizes in the metadata.
     """
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise AdapterFormatError(f"{path}: adapters are written as .safetensors only; change the extension")
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".bin"):
+        raise AdapterFormatError(f"{path}: adapters are written as .safetensors (or .bin, the torch layout of the "
+                                 f"tencent / InstantX releases); change the extension")
     if isinstance(adapter, DitAdapter):
-        return _save_dit(adapter, path, extra_metadata)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
-    sd.update({f"ip_adapter.{k}": v.detach().to("cpu").contiguous() for k, v in adapter.lora.items()})
-    metadata = {CONFIG_METADATA_KEY: adapter.config.to_json(), FORMAT_METADATA_KEY: FORMAT_VERSION}
+        sd = file_state(adapter)
+        metadata = {DIT_CONFIG_METADATA_KEY: json.dumps(adapter.config.to_dict())}
+    else:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
+        sd.update({f"ip_adapter.{k}": v.detach().to("cpu").contiguous() for k, v in adapter.lora.items()})
+        metadata = {CONFIG_METADATA_KEY: adapter.config.to_json()}
+    if suffix == ".bin":
+        return _save_bin(sd, path)
+    metadata[FORMAT_METADATA_KEY] = FORMAT_VERSION
     if extra_metadata:
         metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
@@ -131,16 +141,23 @@ def save_adapter(adapter: IPAdapter, path: str | os.PathLike, extra_metadata: di
 
 
 DIT_CONFIG_METADATA_KEY = "ipa_kit.dit_config"
+BIN_GROUPS = ("image_proj", "ip_adapter")
 
 
-def _save_dit(adapter: DitAdapter, path: Path, extra_metadata: dict[str, str] | None) -> Path:
-    """A Flux / SD3.5 adapter in its official flat layout (XLabs: `ip_adapter_proj_model.*`,
-    `double_blocks.{i}.processor.*`; InstantX: `image_proj.*`, `ip_adapter.{j}.*`), the sizes in the metadata."""
-    metadata = {DIT_CONFIG_METADATA_KEY: json.dumps(adapter.config.to_dict()), FORMAT_METADATA_KEY: FORMAT_VERSION}
-    if extra_metadata:
-        metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
-    sd = file_state(adapter)
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+def _save_bin(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """The `.bin` of the tencent and InstantX releases: `torch.save({"image_proj": {...}, "ip_adapter": {...}})`
+    of plain tensors (so `torch.load(weights_only=True)` reads it), for packs that read only that file
+    (ComfyUI-IPAdapter-Flux). It has no metadata: loaders tell the variant from the shapes, as for the official
+    files. Layouts with other groups (XLabs, fused UNet adapters) have no such file."""
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        group, _, rest = key.partition(".")
+        if group not in BIN_GROUPS:
+            raise AdapterFormatError(f"{path}: this adapter has {key!r}; only adapters made of image_proj.* and "
+                                     f"ip_adapter.* keys (tencent, InstantX) have an official .bin; write it as "
+                                     f".safetensors")
+        nested.setdefault(group, {})[rest] = value
+    atomic_write(path, lambda tmp: torch.save(nested, tmp))
     return path
 
 

@@ -226,3 +226,40 @@ def test_sd3_chains_with_the_instantx_sd3_pack_in_either_order(sd3, sd3_peer):
                        peer_alone)
     assert torch.allclose(run(apply_dit(_with_peer(patcher, sd3_peer, 0.0), adapter, embeds, weight=0.8), **inp),
                           ours_alone, atol=1e-5)
+
+
+def test_our_sd3_bin_loads_in_the_instantx_sd3_pack(sd3_peer, tmp_path):
+    """An InstantX SD3.5 adapter converted to `.bin` (the pack indexes `state_dict["image_proj"]`, which only the
+    nested torch file has) loads into the pack's own TimeResampler and processors with its `load_state_dict`
+    calls, and the resampler gives our tokens."""
+    from ipa_train import load_adapter
+    from ipa_train.cli import main
+
+    path = Path(PEERS) / "ComfyUI-InstantX-IPAdapter-SD3" / "models" / "resampler.py"
+    spec = importlib.util.spec_from_file_location("peer_instantx_sd3_resampler", path)
+    resampler_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resampler_mod)
+    hidden, dim, blocks = 128, 128, 3
+    state = fac.instantx_sd3(hidden=hidden, dim=dim, blocks=blocks, seed=12)
+    src = fac.write(state, tmp_path / "trained.safetensors")
+    dst = tmp_path / "trained.bin"
+    assert main(["convert", str(src), str(dst)]) == 0
+    theirs = torch.load(dst, map_location="cpu", weights_only=True)  # the pack's own call
+    resampler = resampler_mod.TimeResampler(dim=dim, depth=4, dim_head=64, heads=dim // 64, num_queries=64,
+                                            embedding_dim=1152, output_dim=hidden, ff_mult=4, timestep_in_dim=32,
+                                            timestep_flip_sin_to_cos=True, timestep_freq_shift=0).eval()
+    resampler.load_state_dict(theirs["image_proj"])
+    n_procs = len({k.split(".")[0] for k in theirs["ip_adapter"]})
+    procs = torch.nn.ModuleList(sd3_peer.IPAttnProcessor(hidden_size=hidden, cross_attention_dim=hidden,
+                                                         ip_hidden_states_dim=hidden, ip_encoder_hidden_states_dim=hidden,
+                                                         head_dim=64, timesteps_emb_dim=dim) for _ in range(n_procs))
+    procs.load_state_dict(theirs["ip_adapter"])
+    assert n_procs == blocks
+    ours = load_adapter(dst)
+    assert torch.equal(procs[blocks - 1].to_k_ip.weight, ours.blocks[blocks - 1].to_k_ip.weight)
+    embeds = torch.randn(2, 5, 1152, generator=torch.Generator().manual_seed(13))
+    t = torch.tensor([500.0, 20.0])
+    with torch.no_grad():
+        tokens = resampler(embeds, t)
+        mine, _ = ours.image_proj(embeds, t)
+    torch.testing.assert_close(tokens, mine, rtol=0, atol=1e-5)

@@ -85,3 +85,30 @@ def test_instantx_against_the_shakker_pack(comfy, shakker, monkeypatch):
           f"{(ours - base).abs().max():.2e}); with that norm added to ours: {same:.2e}")
     assert gap > 1e-3  # the V norm is a real difference, not hidden
     assert same < 1e-4
+
+
+def test_our_bin_loads_in_the_shakker_pack(comfy, shakker, tmp_path):
+    """An InstantX Flux adapter converted to `.bin` (the pack reads only torch files) loads into the pack's own
+    projection and processors with its strict `load_state_dict` calls, and its projection gives our tokens."""
+    from ipa_train import load_adapter
+    from ipa_train.cli import main
+
+    utils, procs_mod = shakker
+    flux_mod = sys.modules["peer_shakker_ipadapter_flux.ipadapter_flux"]
+    blocks = FLUX["depth"] + FLUX["single"]
+    state = fac.instantx_flux(hidden=FLUX["hidden"], ctx=FLUX["context"], tokens=16, blocks=blocks,
+                              proj_hidden=2 * 1152, seed=8)  # the pack's projection is 1152 -> 2304 -> tokens
+    src = fac.write(state, tmp_path / "trained.safetensors")
+    dst = tmp_path / "ipadapter-flux" / "trained.bin"
+    assert main(["convert", str(src), str(dst)]) == 0
+    theirs = torch.load(dst, map_location="cpu")  # the pack's own call
+    proj = flux_mod.MLPProjModel(cross_attention_dim=FLUX["context"], id_embeddings_dim=1152, num_tokens=16)
+    proj.load_state_dict(theirs["image_proj"], strict=True)
+    procs = torch.nn.ModuleList(procs_mod.IPAFluxAttnProcessor2_0(FLUX["hidden"], FLUX["context"], num_tokens=16)
+                                for _ in range(blocks))
+    procs.load_state_dict(theirs["ip_adapter"], strict=True)
+    cond = torch.randn(2, 1152, generator=torch.Generator().manual_seed(9))
+    ours = load_adapter(dst)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(cond), ours.image_proj(cond), rtol=0, atol=1e-6)
+    assert torch.equal(procs[blocks - 1].to_v_ip.weight, ours.blocks[blocks - 1].to_v_ip.weight)
