@@ -264,3 +264,32 @@ def test_fine_tuning_from_an_official_pickled_bin(tmp_path, fmt, state):
     diff = max((tuned.adapter.state_dict()[k] - v).abs().max().item() for k, v in start.items())
     assert 0 < diff < 1e-3
     assert load_adapter(tuned.adapter_path).config.format == fmt
+
+
+@pytest.mark.parametrize("fmt", ["xlabs-flux", "instantx-flux", "instantx-sd3"])
+def test_bf16_run_as_on_a_gpu(tmp_path, monkeypatch, fmt):
+    """The GPU plan on CPU: frozen transformer and encoders in bf16, bf16 autocast, adapter and optimizer in fp32.
+    The run's losses follow the fp32 run's within bf16's precision, the adapter stays fp32 and finite, and the
+    exported file is fp32 and loads."""
+    import ipa_train.training.engine as engine
+    from ipa_train.training.train import train
+
+    def run(out, dtype, precision):
+        backbone = DitBackbone(components=components(tmp_path / "models", fmt), device="cpu", max_sequence_length=8,
+                               transformer_dtype=dtype, encoder_dtype=dtype)
+        config = TrainConfig(output_dir=str(tmp_path / out), format=fmt, resolution=RES, batch_size=2, lr=1e-3,
+                             save_every=0, log_every=0, num_tokens=TOKENS[fmt], steps=3, seed=2,
+                             mixed_precision=precision)
+        return train(config, backbone, load_dataset(DEMO, resolution=RES))
+
+    full = run("fp32", torch.float32, "no")
+    monkeypatch.setattr(engine, "MIXED_PRECISION_DEVICES", ("cuda", "cpu"))
+    half = run("bf16", torch.bfloat16, "bf16")
+    assert all(math.isfinite(x) for x in half.losses) and half.losses != full.losses  # bf16 did run
+    for a, b in zip(half.losses, full.losses):
+        assert abs(a - b) <= 0.05 * abs(b) + 1e-3, (half.losses, full.losses)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in half.adapter.parameters())
+    moved = max((half.adapter.state_dict()[k] - v).abs().max().item() for k, v in full.adapter.state_dict().items())
+    assert moved < 0.05
+    again = load_adapter(half.adapter_path)
+    assert all(t.dtype == torch.float32 for t in again.state_dict().values())

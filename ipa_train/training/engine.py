@@ -39,6 +39,9 @@ def _native_convolutions():
         torch.backends.mkldnn.enabled = enabled
 
 
+MIXED_PRECISION_DEVICES = ("cuda",)  # fp16 / bf16 autocast only where it is faster than fp32 (tests add "cpu")
+
+
 class Engine:
     """Backward, optimizer step, autocast and process handling, through accelerate when it is given.
 
@@ -49,7 +52,7 @@ class Engine:
         self.accelerator = accelerator
         self.device = torch.device(accelerator.device) if accelerator is not None else device
         precision = config.mixed_precision
-        if precision != "no" and self.device.type != "cuda":
+        if precision != "no" and self.device.type not in MIXED_PRECISION_DEVICES:
             logger.warning("mixed_precision=%s needs a GPU; training on %s in fp32", precision, self.device.type)
             precision = "no"
         self.precision = precision

@@ -23,8 +23,9 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
 
 
-def tiny_flux(comfy, seed: int = 0, sizes: dict | None = None):
-    """(diffusers FluxTransformer2DModel, ComfyUI ModelPatcher of comfy.model_base.Flux), the same fp32 weights.
+def tiny_flux(comfy, seed: int = 0, sizes: dict | None = None, dtype: torch.dtype = torch.float32):
+    """(diffusers FluxTransformer2DModel, ComfyUI ModelPatcher of comfy.model_base.Flux), the same weights (fp32
+    in diffusers; ComfyUI's in `dtype`, which it also computes in, as a bf16 checkpoint on a GPU).
 
     sizes: keys as FLUX (the benchmark's wider model); head width hidden / heads = sum(axes)."""
     import comfy.model_base
@@ -44,7 +45,7 @@ def tiny_flux(comfy, seed: int = 0, sizes: dict | None = None):
                        depth=f["depth"], depth_single_blocks=f["single"], axes_dim=list(f["axes"]), theta=10000,
                        patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
     config = comfy.supported_models.Flux(unet_config)
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype, None)
     model = comfy.model_base.Flux(config, device=torch.device("cpu"))
     sd = comfy.model_detection.convert_diffusers_mmdit({k: v.clone() for k, v in ref.state_dict().items()}, "")
     model.diffusion_model.load_state_dict(sd, strict=True)

@@ -383,3 +383,41 @@ def test_captions_of_any_length_batch_together(comfy, kit, models, tmp_path, fam
     text = node.encode_text(["a cat", long, ""])
     assert text.hidden.shape[:2] == (3, 256 if family == "flux" else 77 + 77)
     assert text.extra["pooled"].shape == (3, 4)
+
+
+@pytest.mark.parametrize("fmt", ["xlabs-flux", "instantx-flux"])
+def test_node_trains_on_a_bf16_flux(comfy, kit, tmp_path, monkeypatch, fmt):
+    """A Flux loaded in bf16 (as GPUs run it; CPU here, so without autocast): the frozen transformer computes in
+    bf16, the adapter trains in fp32, finite, in the direction the same run on the fp32 model takes (cosine of the
+    updates 0.99 measured), and the file is the fp32 official layout."""
+    import folder_paths
+
+    from ipa_train.adapter.formats import load_adapter
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    heads = tmp_path / "clip_vision"
+    _siglip_head_file(heads)
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(heads / name))
+    monkeypatch.setattr(folder_paths, "get_filename_list", lambda kind: sorted(p.name for p in heads.iterdir()))
+    train_mod = importlib.import_module(kit.__name__ + ".nodes.train")
+    dataset, _ = train_mod.scan_dataset(str(DEMO_DATA))
+    runs = {}
+    torch.manual_seed(0)  # one set of stand-in encoders (random weights) for both runs
+    encoders = (StandInDitClip(comfy, FLUX["context"], FLUX["pooled"]), StandInDitVae(comfy),
+                _clip_vision(comfy, tmp_path, siglip=fmt != "xlabs-flux"))
+    for dtype in (torch.float32, torch.bfloat16):
+        _, patcher = tiny_flux(comfy, seed=2, dtype=dtype)
+        assert patcher.model.diffusion_model.img_in.weight.dtype == dtype
+        out = train_mod.train_in_comfy(patcher, *encoders, dataset, "plain", False, 3, 2, 1e-3, 64, 0.0, 0.0, 0.0, 0,
+                                       3, f"{fmt}-{str(dtype)[6:]}")
+        runs[dtype] = out.args
+    (full, _, _, _), (half, path, _, _) = runs[torch.float32], runs[torch.bfloat16]
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in half.parameters())
+    # The image values start at zero, so after training they are the run's whole update: bf16's is non-zero and
+    # points where the fp32 run's does (Adam's near-sign steps make elementwise gaps the wrong measure).
+    values = [k for k in full.state_dict() if "v_proj" in k or "to_v_ip" in k]
+    h, f = (torch.cat([a.state_dict()[k].flatten() for k in values]) for a in (half, full))
+    cosine = torch.nn.functional.cosine_similarity(h, f, dim=0).item()
+    assert h.abs().max() > 1e-4 and cosine > 0.9, (h.abs().max().item(), cosine)
+    loaded = load_adapter(path)
+    assert loaded.config.format == fmt and all(t.dtype == torch.float32 for t in loaded.state_dict().values())
