@@ -63,12 +63,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .adapter.dit_formats import DitConfig
     from .adapter.formats import convert_checkpoint
     from .outputs import check_output_file
 
     check_output_file(args.dst, 0, "converted file")
     cfg = convert_checkpoint(args.src, args.dst)
-    if hasattr(cfg, "blocks"):  # a Flux / SD3.5 adapter
+    if isinstance(cfg, DitConfig):  # a Flux / SD3.5 adapter
         _out(f"wrote {args.dst}: {cfg.format} adapter, {cfg.blocks} transformer blocks, encoder {cfg.encoder}")
     else:
         _out(f"wrote {args.dst}: {cfg.variant} adapter, {cfg.cross_attention_layers} layers, encoder {cfg.encoder}")
