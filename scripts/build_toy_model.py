@@ -9,6 +9,7 @@ defaults are the settings of the shipped files; their metadata records them (`in
     python scripts/build_toy_model.py --output /tmp/m.safetensors --steps 200   # quick check
     python scripts/build_toy_model.py --unet-from EARLIER.safetensors   # only the image-encoder stage (4 minutes)
     python scripts/build_toy_model.py --family flux --transformer-from EARLIER.safetensors   # encoders only
+    python scripts/build_toy_model.py --family flux --vae autoencoder --output F.safetensors   # learned VAE first
 
 Two stages: the denoiser learns to draw the world from captions (`--steps`), then the image encoder(s) learn to
 tell its colours, shapes and backgrounds apart (`--encoder-steps`). They share only the seed, so `--unet-from` /
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipa_train.toy.encoder import probe_accuracy  # noqa: E402
-from ipa_train.toy.flux import SHIPPED_FLUX, load_flux_components  # noqa: E402
+from ipa_train.toy.flux import SHIPPED_FLUX, VAES, load_flux_components  # noqa: E402
 from ipa_train.toy.model import SHIPPED, load_components  # noqa: E402
 from ipa_train.toy.pretrain import PretrainConfig, pretrain, text_only_accuracy  # noqa: E402
 from ipa_train.toy.pretrain_flux import FluxPretrainConfig, pretrain_flux, text_only_accuracy_flux  # noqa: E402
@@ -50,8 +51,10 @@ def main() -> None:
     parser.add_argument("--checkpoints", default=None, help="folder for intermediate EMA checkpoints")
     parser.add_argument(from_flag, dest="stage_from", default=None,
                         help="take the first stage (the denoiser) from this earlier build's file")
+    choices = {"vae": sorted(VAES)}  # the rest are numbers, checked by argparse's type
     for f in dataclasses.fields(config_cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            choices=choices.get(f.name))
     parser.add_argument("--eval-samples", type=int, default=64, help="text-only samples read by the oracle at the end")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -2,9 +2,11 @@
 
 Components (by the names `DitBackbone(components=...)` takes):
     * transformer: a diffusers `FluxTransformer2DModel` (double and single stream blocks, RoPE, no guidance
-      input: classifier-free guidance by batch) on the shapes world's 16x16x12 latents, packed 2x2 into 64
-      tokens of 48 (pretrained with flow matching by `ipa_train.toy.pretrain_flux`);
-    * vae: the exact pixel-unshuffle stand-in of the UNet toy (`model.PixelUnshuffleVAE`, patch 2);
+      input: classifier-free guidance by batch) on the VAE's 16x16 latents, packed 2x2 into 64 tokens
+      (pretrained with flow matching by `ipa_train.toy.pretrain_flux`);
+    * vae: the UNet toy's exact pixel-unshuffle (`model.PixelUnshuffleVAE`, patch 2: 16x16x12 latents, tokens of
+      48), or with `vae="autoencoder"` a small learned convolutional autoencoder (`autoencoder.ConvAutoencoder`,
+      16x16x2 latents, tokens of 8; trained first; why: its docstring);
     * text_encoder (CLIP, pooled) and text_encoder_2 (T5, per-token), random, over the world's word-level
       tokenizer (tokenizer, tokenizer_2);
     * image encoders, trained briefly to tell the world's colours, shapes and backgrounds apart
@@ -33,20 +35,26 @@ FLUX_FORMAT = "ipakit-toy-shapes-flux-v1"
 REBUILD = "python scripts/build_toy_model.py --family flux"
 TEXT_WIDTH = 64
 PATCH = 2  # pixel-unshuffle factor: 32x32x3 images <-> 16x16x12 latents <-> 8x8 tokens of 48
-WEIGHTED = ("transformer", "text_encoder", "text_encoder_2", "clip_vision", "siglip")
+AE_CHANNELS = 2  # the learned autoencoder's: 32x32x3 images <-> 16x16x2 latents <-> 8x8 tokens of 8
+VAES = {"pixel": {"patch": PATCH}, "autoencoder": {"latent_channels": AE_CHANNELS, "width": 32}}
+WEIGHTED = ("transformer", "text_encoder", "text_encoder_2", "clip_vision", "siglip")  # and "vae" when learned
 ENCODER_FOR_FORMAT = {"xlabs-flux": "clip_vision", "instantx-flux": "siglip"}
 
 
-def default_flux_configs() -> dict[str, dict[str, Any]]:
-    """The component configs of the toy Flux model (JSON-able; stored in the weight file's metadata)."""
+def default_flux_configs(vae: str = "pixel") -> dict[str, dict[str, Any]]:
+    """The component configs of the toy Flux model with the VAE `vae` ("pixel" | "autoencoder"; JSON-able, stored
+    in the weight file's metadata)."""
+    if vae not in VAES:
+        raise IPAKitError(f"toy Flux VAE {vae!r} is not one of {', '.join(VAES)}")
+    channels = 3 * PATCH * PATCH if vae == "pixel" else AE_CHANNELS
     vocab = len(_SPECIALS) + len(vocabulary())
     # Heads of 32 give each image axis 12 rotary dims (6 frequencies); with 16 only one frequency varies
     # usefully over the 8 token positions of a side.
     return {
-        "transformer": {"patch_size": 1, "in_channels": 12 * 4, "num_layers": 3, "num_single_layers": 3,
+        "transformer": {"patch_size": 1, "in_channels": channels * 4, "num_layers": 3, "num_single_layers": 3,
                         "attention_head_dim": 32, "num_attention_heads": 3, "joint_attention_dim": TEXT_WIDTH,
                         "pooled_projection_dim": TEXT_WIDTH, "guidance_embeds": False, "axes_dims_rope": [8, 12, 12]},
-        "vae": {"patch": PATCH},
+        "vae": dict(VAES[vae]),
         "text_encoder": {"vocab_size": vocab, "hidden_size": TEXT_WIDTH, "intermediate_size": 128,
                          "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS,
                          "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
@@ -85,16 +93,33 @@ def build_flux_components(configs: dict[str, dict[str, Any]] | None = None, seed
     torch.manual_seed(seed + 4)
     siglip = SiglipVisionModel(SiglipVisionConfig(**cfg["siglip"]))
     tokenizer = build_tokenizer()
-    return {"transformer": transformer, "vae": PixelUnshuffleVAE(cfg["vae"]["patch"]), "text_encoder": text_encoder,
+    return {"transformer": transformer, "vae": build_vae(cfg["vae"], seed + 5), "text_encoder": text_encoder,
             "tokenizer": tokenizer, "text_encoder_2": t5, "tokenizer_2": tokenizer, "clip_vision": clip_vision,
             "siglip": siglip}
 
 
+def build_vae(config: dict[str, Any], seed: int = 0) -> Any:
+    """The VAE a config describes: `{"latent_channels", "width"}` the learned autoencoder, `{"patch"}` the exact
+    pixel-unshuffle of earlier files."""
+    from .autoencoder import ConvAutoencoder
+
+    if "patch" in config:
+        return PixelUnshuffleVAE(int(config["patch"]))
+    torch.manual_seed(seed)
+    return ConvAutoencoder(int(config["latent_channels"]), int(config["width"]))
+
+
+def weighted(configs: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The components whose weights a file with these configs holds (the learned VAE's among them)."""
+    return WEIGHTED if "patch" in configs["vae"] else (*WEIGHTED, "vae")
+
+
 def load_flux_components(path: str | os.PathLike = SHIPPED_FLUX) -> dict[str, Any]:
-    """Components from a file written by `save_components(..., WEIGHTED, FLUX_FORMAT)` (default: the shipped one)."""
+    """Components from a file written by `save_components(..., weighted(configs), FLUX_FORMAT)` (default: the
+    shipped one)."""
     configs, tensors = read_model_file(path, FLUX_FORMAT, REBUILD)
     components = build_flux_components(configs)
-    load_weights(components, tensors, WEIGHTED)
+    load_weights(components, tensors, weighted(configs))
     return components
 
 

@@ -18,31 +18,31 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ipa_train.adapter.dit_formats import training_config
 from ipa_train.adapter.dit_modules import DitAdapter
 from ipa_train.hosts.comfy.dit import DitEmbeds
 from ipa_train.hosts.comfy.dit_apply import apply_dit
 from ipa_train.toy import world
-from ipa_train.toy.flux import PATCH, SHIPPED_FLUX, load_flux_components, toy_flux_backbone
-from ipa_train.toy.pretrain import to_latents
-from ipa_train.toy.pretrain_flux import SCHEDULE, FluxTextCache, sample_flux, velocity
+from ipa_train.toy.flux import SHIPPED_FLUX, load_flux_components, toy_flux_backbone
+from ipa_train.toy.pretrain_flux import SCHEDULE, FluxTextCache, decode_latents, encode_images, sample_flux, velocity
 from ipa_train.training.backbone import TextCondition
 
 from .test_host_train_dit import StandInDitClip, StandInDitVae, _clip_vision, _step
-from .toy_flux import LATENT_CHANNELS, LATENT_SIDE, comfy_toy_flux, random_toy_file
+from .toy_flux import LATENT_SIDE, comfy_toy_flux, random_toy_file
 
 TOL = 1e-4
 SIGMA = 0.62
 
 
-@pytest.fixture(scope="module")
-def toy_file(tmp_path_factory):
-    """The shipped pretrained file, or a random one of the same layout (parity holds for any weights)."""
-    if SHIPPED_FLUX.is_file():
+@pytest.fixture(scope="module", params=["shipped", "autoencoder"])
+def toy_file(request, tmp_path_factory):
+    """The shipped pretrained file (or a random one of its layout: parity holds for any weights), and a random
+    file with the learned autoencoder as its VAE (2 latent channels)."""
+    if request.param == "shipped" and SHIPPED_FLUX.is_file():
         return SHIPPED_FLUX
-    return random_toy_file(tmp_path_factory.mktemp("toy_flux") / "random_flux.safetensors")
+    vae = "pixel" if request.param == "shipped" else "autoencoder"
+    return random_toy_file(tmp_path_factory.mktemp("toy_flux") / f"random_flux_{vae}.safetensors", vae=vae)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def _scenes(n: int, seed: int):
 
 
 def _inputs(parts, seed: int = 3):
-    """Two noised scenes at SIGMA [2, 12, 16, 16] and their captions' T5 states [2, S, 64] and pooled CLIP [2, 64]."""
+    """Two noised scenes at SIGMA [2, c, 16, 16] and their captions' T5 states [2, S, 64] and pooled CLIP [2, 64]."""
     scenes, captions = _scenes(2, seed)
-    x0 = to_latents(world.render(scenes), PATCH)
+    x0 = encode_images(parts["vae"], world.render(scenes))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
     hidden, pooled = FluxTextCache(parts)(captions)
     return (1 - SIGMA) * x0 + SIGMA * noise, hidden, pooled
@@ -83,7 +83,7 @@ def test_comfy_toy_flux_equals_the_diffusers_transformer(toy):
     c = parts["transformer"].config  # the file's stored transformer config
     assert (dm.hidden_size, dm.num_heads, len(dm.double_blocks), len(dm.single_blocks)) == \
         (c.num_attention_heads * c.attention_head_dim, c.num_attention_heads, c.num_layers, c.num_single_layers)
-    assert patcher.model.latent_format.latent_channels == LATENT_CHANNELS
+    assert patcher.model.latent_format.latent_channels == parts["vae"].config.latent_channels
     x, hidden, pooled = _inputs(parts)
     with torch.no_grad():
         theirs = velocity(parts["transformer"], x, torch.full((2,), SIGMA), hidden, pooled)
@@ -147,7 +147,7 @@ def test_node_step_equals_the_command_line_step(comfy, kit, toy, tmp_path):
     scenes, captions = _scenes(2, seed=8)
     hidden, pooled = FluxTextCache(parts)(captions)
     clip = torch.randn(2, 768, generator=torch.Generator().manual_seed(9))
-    batch = Batch(to_latents(world.render(scenes), PATCH), TextCondition(hidden, {"pooled": pooled}), clip)
+    batch = Batch(encode_images(parts["vae"], world.render(scenes)), TextCondition(hidden, {"pooled": pooled}), clip)
     try:
         loss_node, grads_node = _step(node, adapter, batch, cli.schedule)
         loss_cli, grads_cli = _step(cli, adapter, batch, cli.schedule)
@@ -172,12 +172,12 @@ def comfy_sample(comfy, parts, patcher, captions, seed: int) -> torch.Tensor:
     empty_hidden, empty_pooled = text([""])
     positive = [[hidden, {"pooled_output": pooled}]]  # one entry, a row per prompt
     negative = [[empty_hidden, {"pooled_output": empty_pooled}]]
-    latent = torch.zeros(len(captions), LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE)
+    latent = torch.zeros(len(captions), parts["vae"].config.latent_channels, LATENT_SIDE, LATENT_SIDE)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         x = comfy.sample.sample(patcher, noise, 20, 3.0, "euler", "simple", positive, negative, latent,
                                 disable_pbar=True, seed=seed)
-    return ((F.pixel_shuffle(x.float(), PATCH) + 1) / 2).clamp(0, 1)  # the toy's VAE decode
+    return decode_latents(parts["vae"], x.float())
 
 
 def test_comfy_sampler_equals_the_toys_sampler(comfy, toy):
@@ -186,7 +186,7 @@ def test_comfy_sampler_equals_the_toys_sampler(comfy, toy):
     import comfy.samplers
 
     parts, patcher, _ = toy
-    grid = SCHEDULE.sampling_sigmas(20, torch.zeros(1, LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE))
+    grid = SCHEDULE.sampling_sigmas(20, torch.zeros(1, 1, LATENT_SIDE, LATENT_SIDE))
     theirs_grid = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 20)
     assert (theirs_grid - grid).abs().max() < 1e-6
     _, captions = _scenes(3, seed=11)
@@ -197,12 +197,12 @@ def test_comfy_sampler_equals_the_toys_sampler(comfy, toy):
     assert diff < TOL
 
 
-def test_pretrained_toy_samples_the_prompts_colour_in_comfy(comfy, toy):
+def test_pretrained_toy_samples_the_prompts_colour_in_comfy(comfy, toy, toy_file):
     """With ComfyUI's own schedule: the oracle reads the prompt's colour in >= 80 % of 16 samples."""
     from ipa_train.toy.oracle import accuracy, read_batch
 
-    if not SHIPPED_FLUX.is_file():
-        pytest.skip(f"{SHIPPED_FLUX.name} is not built yet (python scripts/build_toy_model.py --family flux): "
+    if toy_file != SHIPPED_FLUX:
+        pytest.skip(f"{SHIPPED_FLUX.name} is not built yet or this is the random autoencoder file (python scripts/build_toy_model.py --family flux): "
                     "sampling needs the pretrained toy Flux")
     parts, patcher, _ = toy
     scenes, captions = _scenes(16, seed=1234)

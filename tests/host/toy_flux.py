@@ -2,9 +2,9 @@
 
 ComfyUI's detection assumes full-size Flux (24 heads of 128), so, as `dit_models.tiny_flux`, the model is built
 from an explicit unet_config (derived here from the transformer config stored in the file) and the diffusers
-weights are converted with ComfyUI's own key map. The toy's "VAE" is a parameter-free pixel-unshuffle of 32x32
-RGB into 12x16x16 latents with no scale or shift, so ComfyUI gets a 12-channel latent format of scale 1; its
-sampling shift is the one the toy trained with (Flux's resolution-dependent shift at 64 tokens).
+weights are converted with ComfyUI's own key map. The toy's VAE gives 16x16 latents already normalised (the
+learned autoencoder's 2 channels, or 12 for the pixel-unshuffle of earlier files), so ComfyUI gets a latent format
+of that many channels, scale 1 and no shift; its sampling shift is the one the toy trained with (Flux's resolution-dependent shift at 64 tokens).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import os
 
 import torch
 
-from ipa_train.toy.flux import FLUX_FORMAT, PATCH, REBUILD, WEIGHTED, build_flux_components, default_flux_configs
+from ipa_train.toy.flux import FLUX_FORMAT, REBUILD, build_flux_components, default_flux_configs, weighted
 from ipa_train.toy.model import read_model_file, save_components
 from ipa_train.toy.pretrain_flux import SCHEDULE
 
-LATENT_CHANNELS = 3 * PATCH * PATCH  # 12: RGB unshuffled 2x2
-LATENT_SIDE = 16  # 32 px images / PATCH
+LATENT_SIDE = 16  # 32 px images, downscaled 2x by the toy's VAE
 
 
 def unet_config(transformer: dict) -> dict:
@@ -42,7 +41,7 @@ def unet_config(transformer: dict) -> dict:
 def toy_shift_mu() -> float:
     """ComfyUI's Flux `shift` is mu (its sigmas are shifted by exp(mu)); the toy trains and samples with Flux's
     resolution-dependent shift at its 16x16 latents (64 tokens)."""
-    return math.log(SCHEDULE.shift_for(torch.zeros(1, LATENT_CHANNELS, LATENT_SIDE, LATENT_SIDE)))
+    return math.log(SCHEDULE.shift_for(torch.zeros(1, 1, LATENT_SIDE, LATENT_SIDE)))  # depends on the tokens only
 
 
 def comfy_flux(comfy, config: dict, diffusers_state: dict, latent_format=None, shift: float | None = None):
@@ -66,12 +65,12 @@ def comfy_flux(comfy, config: dict, diffusers_state: dict, latent_format=None, s
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def toy_latent_format(comfy):
-    """12 channels, scale 1, no shift: ComfyUI's process_in / process_out leave the unshuffled pixels as they are."""
+def toy_latent_format(comfy, channels: int):
+    """`channels`, scale 1, no shift: ComfyUI's process_in / process_out leave the toy's latents as they are."""
     import comfy.latent_formats
 
     class ToyShapesLatent(comfy.latent_formats.LatentFormat):
-        latent_channels = LATENT_CHANNELS
+        latent_channels = channels
         scale_factor = 1.0
 
     return ToyShapesLatent()
@@ -82,10 +81,14 @@ def comfy_toy_flux(comfy, path: str | os.PathLike):
     configs, tensors = read_model_file(path, FLUX_FORMAT, REBUILD)
     prefix = "transformer."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return comfy_flux(comfy, unet_config(configs["transformer"]), state, toy_latent_format(comfy), toy_shift_mu())
+    channels = int(configs["transformer"]["in_channels"]) // 4
+    return comfy_flux(comfy, unet_config(configs["transformer"]), state, toy_latent_format(comfy, channels),
+                      toy_shift_mu())
 
 
-def random_toy_file(path: str | os.PathLike, seed: int = 5):
-    """A toy Flux file of the shipped layout with untrained weights (what pretraining starts from)."""
-    configs = default_flux_configs()
-    return save_components(path, build_flux_components(configs, seed), configs, {"random": True}, WEIGHTED, FLUX_FORMAT)
+def random_toy_file(path: str | os.PathLike, seed: int = 5, vae: str = "pixel"):
+    """A toy Flux file of the layout `default_flux_configs(vae)` with untrained weights (what pretraining starts
+    from)."""
+    configs = default_flux_configs(vae)
+    return save_components(path, build_flux_components(configs, seed), configs, {"random": True}, weighted(configs),
+                           FLUX_FORMAT)
