@@ -25,16 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import world
+from .model import _LatentDist  # the mean and (zero) std the training code reads
 
 logger = logging.getLogger(__name__)
-
-
-class _LatentDist:
-    """What `AutoencoderKL.encode(...).latent_dist` offers the training code: a mean and a (zero) std."""
-
-    def __init__(self, mean: torch.Tensor):
-        self.mean = mean
-        self.std = torch.zeros_like(mean)
 
 
 class ConvAutoencoder(nn.Module):
