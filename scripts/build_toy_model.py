@@ -9,11 +9,12 @@ defaults are the settings of the shipped files; their metadata records them (`in
     python scripts/build_toy_model.py --output /tmp/m.safetensors --steps 200   # quick check
     python scripts/build_toy_model.py --unet-from EARLIER.safetensors   # only the image-encoder stage (4 minutes)
     python scripts/build_toy_model.py --family flux --transformer-from EARLIER.safetensors   # encoders only
-    python scripts/build_toy_model.py --family flux --vae autoencoder --output F.safetensors   # learned VAE first
+    python scripts/build_toy_model.py --family flux --vae pixel --output F.safetensors   # no learned VAE (pixel patches)
 
-Two stages: the denoiser learns to draw the world from captions (`--steps`), then the image encoder(s) learn to
-tell its colours, shapes and backgrounds apart (`--encoder-steps`). They share only the seed, so `--unet-from` /
-`--transformer-from` with a file of an earlier build (same settings) gives the same result as both stages.
+Two stages (for Flux, after the autoencoder that is its VAE, `--vae-steps`): the denoiser learns to draw the
+world from captions (`--steps`), then the image encoder(s) learn to tell its colours, shapes and backgrounds apart
+(`--encoder-steps`). They share only the seed, so `--unet-from` / `--transformer-from` with a file of an earlier
+build (same settings) gives the same result as all stages.
 """
 
 from __future__ import annotations

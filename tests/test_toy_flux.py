@@ -156,8 +156,6 @@ def test_shipped_flux_model_draws_the_prompts_colour(text_only):
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="the issue's shape bar (70 %) is not reached by the shipped toy Flux model: "
-                   "47 % measured (README, 'The shapes world on Flux'); strict, so a model that reaches it shows here")
 def test_shipped_flux_model_draws_the_prompts_shape(text_only):
     assert text_only["shape"] >= 0.7, text_only
 

@@ -4,9 +4,9 @@ Components (by the names `DitBackbone(components=...)` takes):
     * transformer: a diffusers `FluxTransformer2DModel` (double and single stream blocks, RoPE, no guidance
       input: classifier-free guidance by batch) on the VAE's 16x16 latents, packed 2x2 into 64 tokens
       (pretrained with flow matching by `ipa_train.toy.pretrain_flux`);
-    * vae: the UNet toy's exact pixel-unshuffle (`model.PixelUnshuffleVAE`, patch 2: 16x16x12 latents, tokens of
-      48), or with `vae="autoencoder"` a small learned convolutional autoencoder (`autoencoder.ConvAutoencoder`,
-      16x16x2 latents, tokens of 8; trained first; why: its docstring);
+    * vae: a small learned convolutional autoencoder (`autoencoder.ConvAutoencoder`, 16x16x2 latents, tokens of
+      8; trained first; why: its docstring), or with `vae="pixel"` the UNet toy's exact pixel-unshuffle
+      (`model.PixelUnshuffleVAE`, patch 2: 16x16x12 latents, tokens of 48);
     * text_encoder (CLIP, pooled) and text_encoder_2 (T5, per-token), random, over the world's word-level
       tokenizer (tokenizer, tokenizer_2);
     * image encoders, trained briefly to tell the world's colours, shapes and backgrounds apart
@@ -41,8 +41,8 @@ WEIGHTED = ("transformer", "text_encoder", "text_encoder_2", "clip_vision", "sig
 ENCODER_FOR_FORMAT = {"xlabs-flux": "clip_vision", "instantx-flux": "siglip"}
 
 
-def default_flux_configs(vae: str = "pixel") -> dict[str, dict[str, Any]]:
-    """The component configs of the toy Flux model with the VAE `vae` ("pixel" | "autoencoder"; JSON-able, stored
+def default_flux_configs(vae: str = "autoencoder") -> dict[str, dict[str, Any]]:
+    """The component configs of the toy Flux model with the VAE `vae` ("autoencoder" | "pixel"; JSON-able, stored
     in the weight file's metadata)."""
     if vae not in VAES:
         raise IPAKitError(f"toy Flux VAE {vae!r} is not one of {', '.join(VAES)}")
@@ -100,7 +100,7 @@ def build_flux_components(configs: dict[str, dict[str, Any]] | None = None, seed
 
 def build_vae(config: dict[str, Any], seed: int = 0) -> Any:
     """The VAE a config describes: `{"latent_channels", "width"}` the learned autoencoder, `{"patch"}` the exact
-    pixel-unshuffle of earlier files."""
+    pixel-unshuffle (`--vae pixel`)."""
     from .autoencoder import ConvAutoencoder
 
     if "patch" in config:

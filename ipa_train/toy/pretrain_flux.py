@@ -35,9 +35,9 @@ SCHEDULE = FlowMatchSchedule(shift=0.0, dynamic=DynamicShift())  # what `DitBack
 
 @dataclass
 class FluxPretrainConfig:
-    steps: int = 7000
+    steps: int = 4200
     batch_size: int = 32
-    lr: float = 6e-4
+    lr: float = 1.5e-3
     warmup: int = 300
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.999
@@ -52,9 +52,9 @@ class FluxPretrainConfig:
     encoder_steps: int = 600  # per image encoder (CLIP vision, then SigLIP); 0 keeps them random
     encoder_batch_size: int = 64
     encoder_lr: float = 1e-3
-    vae: str = "pixel"  # or "autoencoder": a learned VAE (`toy.autoencoder`), trained before the transformer
-    vae_steps: int = 1200  # the autoencoder's training steps
-    timestep_sampling: str = "logit_normal"  # or "uniform": more of the low-noise steps that draw clean edges
+    vae: str = "autoencoder"  # a learned VAE (`toy.autoencoder`), trained before the transformer; or "pixel"
+    vae_steps: int = 1000  # the autoencoder's training steps
+    timestep_sampling: str = "uniform"  # or "logit_normal" (fewer of the low-noise steps that draw clean edges)
 
 
 class FluxTextCache:

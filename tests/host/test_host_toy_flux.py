@@ -35,13 +35,13 @@ TOL = 1e-4
 SIGMA = 0.62
 
 
-@pytest.fixture(scope="module", params=["shipped", "autoencoder"])
+@pytest.fixture(scope="module", params=["shipped", "pixel"])
 def toy_file(request, tmp_path_factory):
     """The shipped pretrained file (or a random one of its layout: parity holds for any weights), and a random
-    file with the learned autoencoder as its VAE (2 latent channels)."""
+    file with the exact pixel-unshuffle VAE instead of the learned autoencoder (12 latent channels)."""
     if request.param == "shipped" and SHIPPED_FLUX.is_file():
         return SHIPPED_FLUX
-    vae = "pixel" if request.param == "shipped" else "autoencoder"
+    vae = "autoencoder" if request.param == "shipped" else "pixel"
     return random_toy_file(tmp_path_factory.mktemp("toy_flux") / f"random_flux_{vae}.safetensors", vae=vae)
 
 
@@ -202,7 +202,7 @@ def test_pretrained_toy_samples_the_prompts_colour_in_comfy(comfy, toy, toy_file
     from ipa_train.toy.oracle import accuracy, read_batch
 
     if toy_file != SHIPPED_FLUX:
-        pytest.skip(f"{SHIPPED_FLUX.name} is not built yet or this is the random autoencoder file (python scripts/build_toy_model.py --family flux): "
+        pytest.skip(f"{SHIPPED_FLUX.name} is not built yet or this is the random pixel-VAE file (python scripts/build_toy_model.py --family flux): "
                     "sampling needs the pretrained toy Flux")
     parts, patcher, _ = toy
     scenes, captions = _scenes(16, seed=1234)

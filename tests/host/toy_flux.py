@@ -3,8 +3,9 @@
 ComfyUI's detection assumes full-size Flux (24 heads of 128), so, as `dit_models.tiny_flux`, the model is built
 from an explicit unet_config (derived here from the transformer config stored in the file) and the diffusers
 weights are converted with ComfyUI's own key map. The toy's VAE gives 16x16 latents already normalised (the
-learned autoencoder's 2 channels, or 12 for the pixel-unshuffle of earlier files), so ComfyUI gets a latent format
-of that many channels, scale 1 and no shift; its sampling shift is the one the toy trained with (Flux's resolution-dependent shift at 64 tokens).
+learned autoencoder's 2 channels, or 12 for the pixel-unshuffle), so ComfyUI gets a latent format of that many
+channels, scale 1 and no shift; its sampling shift is the one the toy trained with (Flux's resolution-dependent
+shift at 64 tokens).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def comfy_toy_flux(comfy, path: str | os.PathLike):
                       toy_shift_mu())
 
 
-def random_toy_file(path: str | os.PathLike, seed: int = 5, vae: str = "pixel"):
+def random_toy_file(path: str | os.PathLike, seed: int = 5, vae: str = "autoencoder"):
     """A toy Flux file of the layout `default_flux_configs(vae)` with untrained weights (what pretraining starts
     from)."""
     configs = default_flux_configs(vae)
