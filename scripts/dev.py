@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set-up and entry point for developers and CI, needing only python3 and the package registries.
 
-    python3 scripts/dev.py test   [pytest args]   # create .venv, install CPU torch + the kit, run the tests
+    python3 scripts/dev.py test   [pytest args]   # create .venv, install CPU torch + the kit, run the default suite
+    python3 scripts/dev.py test -m slow           # the slow-marked trainings that check the toy worlds' bars (CI)
     python3 scripts/dev.py demo   [demo args]     # same set-up, then run the offline demo (main job)
     python3 scripts/dev.py host   [pytest args]   # same set-up plus a ComfyUI host (scripts/host_env.py), then tests/host
 
@@ -64,7 +65,10 @@ def main(argv: list[str]) -> int:
     if argv[0] == "setup":
         return 0
     if argv[0] == "test":
-        rc = subprocess.run([str(PY), "-m", "pytest", *_workers(argv[1:]), *argv[1:]], cwd=ROOT).returncode
+        args = argv[1:]
+        # The default suite leaves out the slow-marked trainings (minutes each); `-m slow` runs them, `-m ""` all.
+        marks = [] if any(a.startswith("-m") for a in args) else ["-m", "not slow"]
+        rc = subprocess.run([str(PY), "-m", "pytest", *_workers(args), *marks, *args], cwd=ROOT).returncode
         # pytest exits 5 when it collected no test (e.g. a -k filter matched nothing): not a failure here.
         return 0 if rc == 5 else rc
     return subprocess.run([str(PY), "-m", "ipa_train", "demo", *argv[1:]], cwd=ROOT).returncode

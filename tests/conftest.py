@@ -9,19 +9,6 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
 
-def pytest_collection_modifyitems(config, items):
-    """The default suite's slow-marked tests (minutes of training each) first, in file order. Under pytest-xdist
-    they then start at once and the quick ones fill in around them; collected in file order, the longest started
-    near the end and ran alone while the other workers idled. Host tests keep their order (their modules share a
-    started ComfyUI)."""
-
-    def later(item) -> bool:
-        host = "tests/host/" in str(item.fspath).replace(os.sep, "/")
-        return host or item.get_closest_marker("slow") is None
-
-    items.sort(key=later)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_diffusers():
     logging.getLogger("diffusers").setLevel(logging.ERROR)

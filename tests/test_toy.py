@@ -185,7 +185,7 @@ def test_shipped_image_encoder_tells_the_colours_apart():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("projection,steps", [("plus", 800), ("plain", 400)])  # longest first
+@pytest.mark.parametrize("projection,steps", [("plus", 800), ("plain", 400)])  # longest first: xdist balances the rest
 def test_adapter_learns_the_reference_colour(backbone, tmp_path, projection, steps):
     """Colourless captions: only the reference carries the colour (chance 1/8); weight 0 stays near chance."""
     from ipa_train.toy.experiment import train_world_adapter, transfer_accuracy
